@@ -1,0 +1,227 @@
+"""One rank's engine: its shard of the native model, its key/value caches, and the generation loop.
+
+Every rank of a group runs the same Python on the same inputs, so they make the same decisions
+(prompt too long, stop string seen, ...) without talking; they talk only inside the native
+model's all-reduce hook and in `choose_token`, which every rank enters at every step.
+"""
+import os
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import _native
+from .chat_format import ChatFormat
+from .checkpoint import Checkpoint
+from .comm import SingleProcess, raise_if_any_failed
+from .config import ModelConfig
+from .errors import LlaisysError
+from .model_files import resolve_model
+from .sampling import STOP, SamplingParams, choose_token
+from .tp import ShardPlan
+
+DEFAULT_MAX_CONTEXT = 8192
+
+
+@dataclass
+class GenerationStats:
+    """Counts and timings of one reply."""
+
+    prompt_tokens: int = 0
+    cached_tokens: int = 0       # prompt tokens whose keys/values were already in the cache
+    new_tokens: int = 0
+    prefill_seconds: float = 0.0
+    first_token_seconds: float = 0.0  # from the call to the first token
+    decode_seconds: float = 0.0
+    finish_reason: str = ""      # stop | length | context | interrupted
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        """Prompt tokens computed per second (cached ones excluded)."""
+        computed = self.prompt_tokens - self.cached_tokens
+        return computed / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens per second after the first one."""
+        return (self.new_tokens - 1) / self.decode_seconds if self.new_tokens > 1 and self.decode_seconds > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        """Fields and rates as a plain dict."""
+        return {**self.__dict__, "prefill_tokens_per_s": self.prefill_tokens_per_s,
+                "decode_tokens_per_s": self.decode_tokens_per_s}
+
+
+class Engine:
+    """A Qwen2 model (or this rank's shard of it) ready to generate."""
+
+    def __init__(self, model="demo", *, group=None, threads: int | None = None, max_context: int | None = None,
+                 compute: str = "auto", reduction: str = "exact", cache_slots: int = 4):
+        self.group = group or SingleProcess()
+        error = None
+        try:
+            self._load(model, threads, max_context, compute, reduction, cache_slots)
+        except (LlaisysError, MemoryError, OSError, RuntimeError) as e:
+            error = e
+        raise_if_any_failed(self.group, error)
+
+    def _load(self, model, threads, max_context, compute, reduction, cache_slots):
+        if compute not in ("auto", "bf16", "f32"):
+            raise LlaisysError(f"compute must be auto, bf16 or f32, not {compute!r}")
+        self.folder = resolve_model(model, dtype="f32" if compute == "f32" else "bf16")
+        self.config = ModelConfig.from_file(self.folder / "config.json")
+        self.chat = ChatFormat(self.folder)
+        self.plan = ShardPlan.for_rank(self.config, self.group.rank, self.group.size)
+        checkpoint = Checkpoint(self.folder)
+        checkpoint.check_shapes(self.config)
+        if compute == "auto":
+            compute = "f32" if checkpoint.dtype_name("model.embed_tokens.weight") == "f32" else "bf16"
+        self.compute = compute
+        self.threads = threads or default_threads(self.group)
+        native_config = {
+            "vocab_size": self.config.vocab_size, "hidden_size": self.config.hidden_size,
+            "n_layer": self.config.num_hidden_layers, "n_head": self.config.num_attention_heads,
+            "n_head_kv": self.config.num_key_value_heads, "head_dim": self.config.head_dim,
+            "ffn_size": self.config.intermediate_size, "rope_theta": self.config.rope_theta,
+            "rms_eps": self.config.rms_norm_eps,
+        }
+        self.model = _native.Qwen2(native_config, self.plan.native_dict(), self.plan.slice_weights(checkpoint, self.config),
+                                   compute=compute, threads=self.threads, reduction=reduction,
+                                   ffn_block=self.plan.ffn_block, all_reduce=self.group.all_reduce)
+        del checkpoint  # unmap the file: only the packed shard stays resident
+        self.max_context = max_context or min(self.config.max_position_embeddings, DEFAULT_MAX_CONTEXT)
+        if self.max_context < 2:
+            raise LlaisysError(f"max_context must be at least 2, not {self.max_context}")
+        self.cache_slots = cache_slots
+        self._caches: OrderedDict[str, object] = OrderedDict()
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams = SamplingParams(), *, max_new_tokens: int = 256,
+                 stop: tuple[str, ...] = (), cache_key: str = "default", should_stop=None) -> "Generation":
+        """Start a reply to prompt_ids; iterate the result for (token id, text piece) pairs."""
+        if len(prompt_ids) == 0:
+            raise LlaisysError("the prompt is empty")
+        if len(prompt_ids) >= self.max_context:
+            raise LlaisysError(f"the prompt is {len(prompt_ids)} tokens but the context holds {self.max_context} "
+                               f"(start a new conversation, or raise max_context)")
+        if max_new_tokens < 1:
+            raise LlaisysError(f"max_new_tokens must be at least 1, not {max_new_tokens}")
+        return Generation(self, list(prompt_ids), params, max_new_tokens, tuple(stop), self._cache(cache_key),
+                          should_stop or (lambda: False))
+
+    def drop_cache(self, cache_key: str) -> None:
+        """Forget a conversation's cached keys and values."""
+        self._caches.pop(cache_key, None)
+
+    def info(self) -> dict:
+        """What this rank holds: model, shard bounds, bytes of weights and caches, resident memory."""
+        return {
+            "model": str(self.folder), "rank": self.group.rank, "ranks": self.group.size, "threads": self.threads,
+            "compute": self.compute, "max_context": self.max_context, "shard": self.plan.native_dict(),
+            "weight_bytes": self.model.weight_bytes, "cache_bytes": sum(c.nbytes for c in self._caches.values()),
+            "rss_bytes": resident_bytes(), "isa": _native.build_info()["isa"],
+        }
+
+    def _cache(self, key: str):
+        """The cache of conversation `key`, least recently used ones evicted beyond cache_slots."""
+        if key in self._caches:
+            self._caches.move_to_end(key)
+        else:
+            while len(self._caches) >= self.cache_slots:
+                self._caches.popitem(last=False)
+            self._caches[key] = self.model.new_cache(self.max_context)
+        return self._caches[key]
+
+
+class Generation:
+    """A reply in progress: iterate for (token id, text piece); text pieces hold back any tail that
+    might start a stop string. `tokens`, `text` and `stats` fill in as it runs."""
+
+    def __init__(self, engine: Engine, prompt_ids, params, max_new_tokens, stop, cache, should_stop):
+        self.engine, self.prompt_ids, self.max_new_tokens, self.stop = engine, prompt_ids, max_new_tokens, stop
+        self.params = params if params.temperature == 0 else params.with_seed()
+        self.cache, self.should_stop = cache, should_stop
+        self.tokens: list[int] = []
+        self.text = ""
+        self.stats = GenerationStats(prompt_tokens=len(prompt_ids))
+
+    def __iter__(self):
+        engine, stats = self.engine, self.stats
+        start = time.perf_counter()
+        logits = self._prefill()
+        stats.prefill_seconds = time.perf_counter() - start
+        decoder, raw, emitted, cut, decode_start = engine.chat.stream_decoder(), "", 0, None, None
+        for step in range(self.max_new_tokens):
+            token = choose_token(logits[0], engine.plan.vocab_begin, self.params, step, engine.group, self.should_stop())
+            if token == STOP or token in engine.chat.stop_ids:
+                stats.finish_reason = "interrupted" if token == STOP else "stop"
+                break
+            if decode_start is None:
+                decode_start = time.perf_counter()
+                stats.first_token_seconds = decode_start - start
+            self.tokens.append(token)
+            stats.new_tokens += 1
+            raw += decoder.step(token)
+            cut = _stop_position(raw, self.stop)
+            end = cut if cut is not None else len(raw) - _held_back(raw, self.stop)
+            self.text = raw[:end]
+            yield token, raw[emitted:end]
+            emitted = end
+            if cut is not None:
+                stats.finish_reason = "stop"
+                break
+            if step + 1 == self.max_new_tokens:
+                stats.finish_reason = "length"
+                break
+            if self.cache.n_tokens >= engine.max_context:
+                stats.finish_reason = "context"
+                break
+            logits = engine.model.forward(self.cache, [token])
+        if decode_start is not None:
+            stats.decode_seconds = time.perf_counter() - decode_start
+        self.text = raw[:cut] if cut is not None else raw
+        if emitted < len(self.text):
+            yield None, self.text[emitted:]
+
+    def run(self) -> "Generation":
+        """Generate to the end without streaming; returns self."""
+        for _ in self:
+            pass
+        return self
+
+    def _prefill(self):
+        """Reuse the longest prefix of the prompt already in the cache and compute the rest."""
+        cached = self.cache.tokens
+        n = min(len(cached), len(self.prompt_ids) - 1)  # the last prompt token is always recomputed
+        same = np.flatnonzero(cached[:n] != np.asarray(self.prompt_ids[:n], dtype=np.int32))
+        keep = int(same[0]) if same.size else n
+        self.cache.truncate(keep)
+        self.stats.cached_tokens = keep
+        return self.engine.model.forward(self.cache, self.prompt_ids[keep:])
+
+
+def _stop_position(text: str, stops: tuple[str, ...]) -> int | None:
+    """Where the earliest stop string starts in text, or None."""
+    found = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    return min(found) if found else None
+
+
+def _held_back(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest tail of text that is the start of a stop string."""
+    return max((n for s in stops for n in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:n])), default=0)
+
+
+def default_threads(group) -> int:
+    """This machine's cores shared among the ranks running on it."""
+    cores = len(os.sched_getaffinity(0))
+    local_ranks = int(os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE") or os.environ.get("MPI_LOCALNRANKS") or group.size)
+    return max(1, cores // max(1, local_ranks))
+
+
+def resident_bytes() -> int:
+    """Resident set size of this process."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0

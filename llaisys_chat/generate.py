@@ -1,0 +1,128 @@
+"""`llaisys-generate`: one reply from the command line (or `generate()` from Python).
+
+Runs in one process, or tensor-parallel under `mpiexec -n N llaisys-generate ...` (rank 0 prints).
+"""
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .comm import default_group
+from .engine import Engine, GenerationStats
+from .errors import LlaisysError
+from .sampling import SamplingParams
+
+
+@dataclass
+class Reply:
+    """A finished reply: its text, the prompt's and the reply's token ids, and timings."""
+
+    text: str
+    prompt_ids: list[int]
+    new_ids: list[int]
+    stats: GenerationStats = field(default_factory=GenerationStats)
+
+    def to_dict(self) -> dict:
+        """JSON-ready fields, rates included."""
+        return {"text": self.text, "prompt_ids": self.prompt_ids, "new_ids": self.new_ids, **self.stats.to_dict()}
+
+
+def build_messages(prompt: str | None = None, system: str | None = None, messages: list | None = None) -> list[dict]:
+    """A chat message list from a prompt, an optional system line and/or earlier messages."""
+    result = [] if messages is None else validate_messages(messages)
+    if system is not None:
+        result = [{"role": "system", "content": system}] + [m for m in result if m["role"] != "system"]
+    if prompt is not None:
+        result.append({"role": "user", "content": prompt})
+    if not result:
+        raise LlaisysError("nothing to answer: give a prompt or messages")
+    return result
+
+
+def validate_messages(messages) -> list[dict]:
+    """Check a list of {"role", "content"} dicts; returns plain copies."""
+    if not isinstance(messages, list):
+        raise LlaisysError("messages must be a JSON list of {\"role\", \"content\"} objects")
+    result = []
+    for i, m in enumerate(messages):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            raise LlaisysError(f"message {i} must be an object with string 'role' and 'content'")
+        if m["role"] not in ("system", "user", "assistant"):
+            raise LlaisysError(f"message {i} has role {m['role']!r}; use system, user or assistant")
+        result.append({"role": m["role"], "content": m["content"]})
+    return result
+
+
+def generate(prompt: str | None = None, *, messages: list | None = None, system: str | None = None,
+             engine: Engine | None = None, model: str = "demo", max_new_tokens: int = 256,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+             stop: tuple[str, ...] = (), on_text=None) -> Reply:
+    """Generate one reply in this process (or this MPI rank, as part of a group).
+
+    `engine` reuses a loaded Engine; otherwise `model` ('demo', a .gguf or a folder) is loaded.
+    `on_text(piece)` is called with each text piece as it is produced.
+    """
+    engine = engine or Engine(model)
+    prompt_ids = engine.chat.encode_chat(build_messages(prompt, system, messages))
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    run = engine.generate(prompt_ids, params, max_new_tokens=max_new_tokens, stop=stop)
+    for _, piece in run:
+        if piece and on_text:
+            on_text(piece)
+    return Reply(run.text, prompt_ids, run.tokens, run.stats)
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line."""
+    p = argparse.ArgumentParser(prog="llaisys-generate", description="Generate one chat reply (tensor-parallel under mpiexec).")
+    p.add_argument("--model", default="demo", help="'demo' (default), a .gguf file or a Hugging Face model folder")
+    p.add_argument("--prompt", help="the user's message")
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--messages", type=Path, help="JSON file with a list of {role, content} messages to continue")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--threads", type=int, help="threads per process (default: cores / local ranks)")
+    p.add_argument("--max-context", type=int, help="cache size in tokens (default: min(model context, 8192))")
+    p.add_argument("--compute", choices=("auto", "bf16", "f32"), default="auto", help="weight dtype")
+    p.add_argument("--reduction", choices=("exact", "fast"), default="exact",
+                   help="exact: same tokens for any rank count (default); fast: plain f32 all-reduce")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    return p
+
+
+def main(argv=None) -> int:
+    """Entry point of llaisys-generate."""
+    args = parser().parse_args(argv)
+    group = default_group()
+    is_printer = group.rank == 0
+    try:
+        messages = None
+        if args.messages is not None:
+            try:
+                messages = json.loads(args.messages.read_text())
+            except (OSError, json.JSONDecodeError) as e:
+                raise LlaisysError(f"{args.messages}: cannot read messages ({e})") from None
+        engine = Engine(args.model, group=group, threads=args.threads, max_context=args.max_context,
+                        compute=args.compute, reduction=args.reduction)
+        stream = None if args.json or not is_printer else lambda piece: print(piece, end="", flush=True)
+        reply = generate(args.prompt, messages=messages, system=args.system, engine=engine,
+                         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                         top_p=args.top_p, seed=args.seed, on_text=stream)
+    except LlaisysError as e:
+        if is_printer:
+            print(f"llaisys-generate: error: {e}", file=sys.stderr)
+        return 1
+    if is_printer:
+        if args.json:
+            print(json.dumps({**reply.to_dict(), "ranks": group.size, "threads": engine.threads}))
+        else:
+            print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

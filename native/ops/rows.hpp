@@ -1,0 +1,41 @@
+// Row access shared by the elementwise ops: a tensor is seen as rows along its last dimension,
+// which must be contiguous; leading dimensions may have any strides (views of fused outputs).
+#pragma once
+
+#include <vector>
+
+#include "../tensor.hpp"
+
+namespace llaisys::ops {
+
+inline int64_t n_rows(const Tensor& t) { return t.size(-1) ? t.numel() / t.size(-1) : 0; }
+
+// Address of row r, unravelling r over the leading dimensions.
+inline std::byte* row_ptr(const Tensor& t, int64_t r) {
+    int64_t offset = 0;
+    for (int64_t d = t.ndim() - 2; d >= 0; --d) {
+        offset += (r % t.shape[d]) * t.strides[d];
+        r /= t.shape[d];
+    }
+    return t.base + offset * static_cast<int64_t>(dtype_size(t.dtype));
+}
+
+inline void check_rows(const Tensor& t, int64_t cols, const char* what) {
+    LLAISYS_CHECK(t.ndim() >= 1 && t.strides.back() == 1, std::string(what) + ": last dimension must be contiguous");
+    LLAISYS_CHECK(t.size(-1) == cols, std::string(what) + ": last dimension has the wrong size");
+}
+
+// The row as f32: in place when the tensor is f32, else converted into `scratch`.
+inline const float* row_f32(const Tensor& t, int64_t r, std::vector<float>& scratch) {
+    const std::byte* p = row_ptr(t, r);
+    if (t.dtype == DType::F32) return reinterpret_cast<const float*>(p);
+    scratch.resize(t.size(-1));
+    to_f32(scratch.data(), p, t.dtype, t.size(-1));
+    return scratch.data();
+}
+
+inline void store_row(const Tensor& t, int64_t r, const float* values) {
+    from_f32(row_ptr(t, r), t.dtype, values, t.size(-1));
+}
+
+}  // namespace llaisys::ops

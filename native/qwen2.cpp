@@ -1,0 +1,242 @@
+#include "qwen2.hpp"
+
+#include <cmath>
+#include <cstring>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace llaisys {
+namespace {
+
+const Tensor& weight(const std::map<std::string, Tensor>& weights, const std::string& name,
+                     std::vector<int64_t> shape) {
+    auto it = weights.find(name);
+    LLAISYS_CHECK(it != weights.end(), "missing weight " + name);
+    LLAISYS_CHECK(it->second.shape == shape, "weight " + name + " has the wrong shape for this shard");
+    return it->second;
+}
+
+// Rows of several [n_i, cols] matrices stacked into one, so that fused projections run as one product.
+Tensor stack_rows(const std::vector<Tensor>& parts, DType dtype) {
+    int64_t rows = 0, cols = parts.front().size(-1);
+    for (const Tensor& p : parts) rows += p.size(0);
+    Tensor out = Tensor::empty({rows, cols}, dtype);
+    int64_t at = 0;
+    for (const Tensor& p : parts) {
+        Tensor dst = out.slice(0, at, at + p.size(0));
+        copy(dst, p);
+        at += p.size(0);
+    }
+    return out;
+}
+
+// An f32 vector of `n` zeros where the checkpoint has no bias (q/k/v biases are optional).
+Tensor bias_or_zeros(const std::map<std::string, Tensor>& weights, const std::string& name, int64_t n) {
+    auto it = weights.find(name);
+    if (it == weights.end()) return Tensor::zeros({n}, DType::F32);
+    LLAISYS_CHECK(it->second.shape == std::vector<int64_t>{n}, "bias " + name + " has the wrong shape for this shard");
+    return it->second;
+}
+
+// Vectors joined end to end, in f32.
+Tensor concat(const std::vector<Tensor>& parts) {
+    int64_t n = 0;
+    for (const Tensor& p : parts) n += p.numel();
+    Tensor out = Tensor::empty({n}, DType::F32);
+    int64_t at = 0;
+    for (const Tensor& p : parts) {
+        Tensor dst = out.slice(0, at, at + p.numel());
+        copy(dst, p);
+        at += p.numel();
+    }
+    return out;
+}
+
+Tensor owned_copy(const Tensor& t, DType dtype) {
+    Tensor out = Tensor::empty(t.shape, dtype);
+    copy(out, t);
+    return out;
+}
+
+// [M, n_heads, head_dim] view of columns [col_begin, ...) of a fused [M, C] projection output.
+Tensor heads_view(const Tensor& fused, int64_t col_begin, int64_t n_heads, int64_t head_dim) {
+    Tensor t = fused.slice(1, col_begin, col_begin + n_heads * head_dim);
+    t.shape = {fused.size(0), n_heads, head_dim};
+    t.strides = {fused.strides[0], head_dim, 1};
+    return t;
+}
+
+}  // namespace
+
+void KVCache::truncate(int64_t n_tokens) {
+    LLAISYS_CHECK(0 <= n_tokens && n_tokens <= static_cast<int64_t>(tokens.size()), "truncate beyond the cache");
+    tokens.resize(n_tokens);
+}
+
+size_t KVCache::nbytes() const {
+    size_t total = 0;
+    for (size_t i = 0; i < k.size(); ++i) total += k[i].nbytes() + v[i].nbytes();
+    return total;
+}
+
+Qwen2::Qwen2(const Qwen2Config& config, const Shard& shard, const std::map<std::string, Tensor>& weights,
+             const Qwen2Options& options, AllReduce all_reduce)
+    : config_(config), shard_(shard), options_(options), all_reduce_(std::move(all_reduce)) {
+    const int64_t D = config.hidden_size, hd = config.head_dim;
+    const int64_t H_l = shard.head_end - shard.head_begin, KV_l = shard.kv_end - shard.kv_begin;
+    const int64_t F_l = shard.ffn_end - shard.ffn_begin, V_l = shard.vocab_end - shard.vocab_begin;
+    LLAISYS_CHECK(options.compute == DType::BF16 || options.compute == DType::F32, "compute dtype must be bf16 or f32");
+    LLAISYS_CHECK(H_l > 0 && F_l > 0 && V_l > 0, "every shard needs heads, MLP columns and vocabulary rows");
+    LLAISYS_CHECK(config.n_head % config.n_head_kv == 0, "n_head must be a multiple of n_head_kv");
+    LLAISYS_CHECK(F_l % options.ffn_block == 0 && options.ffn_block % 2 == 0,
+                  "MLP shard must be whole even-sized reduction blocks");
+    const int64_t group = config.n_head / config.n_head_kv;
+    for (int64_t h = shard.head_begin; h < shard.head_end; ++h) {
+        int64_t kv = h / group;
+        LLAISYS_CHECK(shard.kv_begin <= kv && kv < shard.kv_end, "shard lacks a key/value head its queries read");
+        kv_head_of.push_back(kv - shard.kv_begin);
+    }
+
+    const DType dt = options.compute;
+    embed_tokens = owned_copy(weight(weights, "model.embed_tokens.weight", {V_l, D}), dt);
+    final_norm = owned_copy(weight(weights, "model.norm.weight", {D}), DType::F32);
+    const bool tied = weights.find("lm_head.weight") == weights.end();
+    lm_head = ops::pack_weight(tied ? embed_tokens : weight(weights, "lm_head.weight", {V_l, D}), dt);
+
+    for (int64_t i = 0; i < config.n_layer; ++i) {
+        const std::string p = "model.layers." + std::to_string(i) + ".";
+        Qwen2Layer layer;
+        layer.attn_norm = owned_copy(weight(weights, p + "input_layernorm.weight", {D}), DType::F32);
+        layer.qkv = ops::pack_weight(stack_rows({weight(weights, p + "self_attn.q_proj.weight", {H_l * hd, D}),
+                                                 weight(weights, p + "self_attn.k_proj.weight", {KV_l * hd, D}),
+                                                 weight(weights, p + "self_attn.v_proj.weight", {KV_l * hd, D})},
+                                                dt),
+                                     dt);
+        layer.qkv_bias = concat({bias_or_zeros(weights, p + "self_attn.q_proj.bias", H_l * hd),
+                                 bias_or_zeros(weights, p + "self_attn.k_proj.bias", KV_l * hd),
+                                 bias_or_zeros(weights, p + "self_attn.v_proj.bias", KV_l * hd)});
+        layer.o = ops::pack_weight(weight(weights, p + "self_attn.o_proj.weight", {D, H_l * hd}), dt);
+        layer.ffn_norm = owned_copy(weight(weights, p + "post_attention_layernorm.weight", {D}), DType::F32);
+        layer.gate_up = ops::pack_weight(stack_rows({weight(weights, p + "mlp.gate_proj.weight", {F_l, D}),
+                                                     weight(weights, p + "mlp.up_proj.weight", {F_l, D})},
+                                                    dt),
+                                         dt);
+        layer.down = ops::pack_weight(weight(weights, p + "mlp.down_proj.weight", {D, F_l}), dt);
+        layers.push_back(std::move(layer));
+    }
+}
+
+KVCache Qwen2::new_cache(int64_t capacity) const {
+    LLAISYS_CHECK(capacity > 0, "cache capacity must be positive");
+    KVCache cache;
+    cache.capacity = capacity;
+    int64_t kv_held = shard_.kv_end - shard_.kv_begin;
+    for (int64_t i = 0; i < config_.n_layer; ++i) {
+        // Untouched pages of a large allocation cost no memory until a long conversation fills them.
+        cache.k.push_back(Tensor::empty({kv_held, capacity, config_.head_dim}, options_.compute));
+        cache.v.push_back(Tensor::empty({kv_held, capacity, config_.head_dim}, options_.compute));
+    }
+    return cache;
+}
+
+size_t Qwen2::weight_bytes() const {
+    size_t total = embed_tokens.nbytes() + final_norm.nbytes() + lm_head.panels.nbytes();
+    for (const Qwen2Layer& l : layers)
+        total += l.attn_norm.nbytes() + l.qkv.panels.nbytes() + l.qkv_bias.nbytes() + l.o.panels.nbytes() +
+                 l.ffn_norm.nbytes() + l.gate_up.panels.nbytes() + l.down.panels.nbytes();
+    return total;
+}
+
+// x += in W^T summed over all shards: the row-parallel half of each block (o_proj, down_proj).
+void Qwen2::add_reduced_projection(Tensor& x, const Tensor& in, const ops::PackedWeight& w, int64_t k_block) {
+    Tensor partial = Tensor::empty(x.shape, DType::F32);
+    if (options_.reduction == Reduction::Exact) {
+        Tensor fixed = Tensor::zeros(x.shape, DType::I64);
+        ops::linear_fixed(fixed, in, w, k_block);
+        if (all_reduce_) all_reduce_(fixed);
+        ops::from_fixed(partial, fixed);
+    } else {
+        ops::linear(partial, in, w, nullptr);
+        if (all_reduce_) all_reduce_(partial);
+    }
+    ops::add(x, x, partial);
+}
+
+void Qwen2::attention_block(Tensor& x, const Qwen2Layer& layer, KVCache& cache, int64_t layer_index,
+                            const Tensor& positions) {
+    const int64_t M = x.size(0), hd = config_.head_dim;
+    const int64_t H_l = shard_.head_end - shard_.head_begin, KV_l = shard_.kv_end - shard_.kv_begin;
+    const int64_t n_past = static_cast<int64_t>(cache.tokens.size());
+
+    Tensor h = Tensor::empty(x.shape, DType::F32);
+    ops::rms_norm(h, x, layer.attn_norm, config_.rms_eps);
+    Tensor qkv = Tensor::empty({M, (H_l + 2 * KV_l) * hd}, DType::F32);
+    ops::linear(qkv, h, layer.qkv, &layer.qkv_bias);
+    Tensor q = heads_view(qkv, 0, H_l, hd);
+    Tensor k = heads_view(qkv, H_l * hd, KV_l, hd);
+    Tensor v = heads_view(qkv, (H_l + KV_l) * hd, KV_l, hd);
+    ops::rope(q, q, positions, config_.rope_theta);
+    ops::rope(k, k, positions, config_.rope_theta);
+
+    // Store the new keys and values at positions n_past.. of every held cache head.
+    for (Tensor* src : {&k, &v}) {
+        const Tensor& cache_t = (src == &k ? cache.k : cache.v)[layer_index];
+        Tensor dst = cache_t.slice(1, n_past, n_past + M);
+        dst.shape = {M, KV_l, hd};
+        dst.strides = {cache_t.strides[1], cache_t.strides[0], 1};
+        copy(dst, *src);
+    }
+
+    Tensor attn = Tensor::empty({M, H_l, hd}, DType::F32);
+    ops::self_attention(attn, q, cache.k[layer_index], cache.v[layer_index], kv_head_of, n_past,
+                        1.0f / std::sqrt(static_cast<float>(hd)));
+    add_reduced_projection(x, attn.view({M, H_l * hd}), layer.o, hd);
+}
+
+void Qwen2::mlp_block(Tensor& x, const Qwen2Layer& layer) {
+    const int64_t M = x.size(0), F_l = shard_.ffn_end - shard_.ffn_begin;
+    Tensor h = Tensor::empty(x.shape, DType::F32);
+    ops::rms_norm(h, x, layer.ffn_norm, config_.rms_eps);
+    Tensor gate_up = Tensor::empty({M, 2 * F_l}, DType::F32);
+    ops::linear(gate_up, h, layer.gate_up, nullptr);
+    Tensor act = Tensor::empty({M, F_l}, DType::F32);
+    ops::swiglu(act, gate_up.slice(1, 0, F_l), gate_up.slice(1, F_l, 2 * F_l));
+    add_reduced_projection(x, act, layer.down, options_.ffn_block);
+}
+
+Tensor Qwen2::forward(KVCache& cache, const std::vector<int32_t>& tokens, bool all_positions) {
+    const int64_t M = static_cast<int64_t>(tokens.size()), n_past = static_cast<int64_t>(cache.tokens.size());
+    LLAISYS_CHECK(M > 0, "forward needs at least one token");
+    LLAISYS_CHECK(n_past + M <= cache.capacity, "tokens exceed the cache capacity");
+    LLAISYS_CHECK(static_cast<int64_t>(cache.k.size()) == config_.n_layer, "cache belongs to another model");
+#ifdef _OPENMP
+    omp_set_num_threads(options_.threads);
+#endif
+    Tensor ids = Tensor::empty({M}, DType::I32);
+    std::memcpy(ids.base, tokens.data(), M * sizeof(int32_t));
+    Tensor positions = Tensor::empty({M}, DType::I64);
+    for (int64_t m = 0; m < M; ++m) positions.data<int64_t>()[m] = n_past + m;
+
+    // The embedding table is vocab-parallel: the one rank holding a token's row contributes it and
+    // the others add zeros, so this f32 sum is exact for any rank count.
+    Tensor x = Tensor::empty({M, config_.hidden_size}, DType::F32);
+    ops::embedding(x, ids, embed_tokens, shard_.vocab_begin);
+    if (all_reduce_) all_reduce_(x);
+
+    for (int64_t i = 0; i < config_.n_layer; ++i) {
+        attention_block(x, layers[i], cache, i, positions);
+        mlp_block(x, layers[i]);
+    }
+    cache.tokens.insert(cache.tokens.end(), tokens.begin(), tokens.end());
+
+    Tensor rows = all_positions ? x : x.slice(0, M - 1, M);
+    Tensor h = Tensor::empty(rows.shape, DType::F32);
+    ops::rms_norm(h, rows, final_norm, config_.rms_eps);
+    Tensor logits = Tensor::empty({rows.size(0), shard_.vocab_end - shard_.vocab_begin}, DType::F32);
+    ops::linear(logits, h, lm_head, nullptr);
+    return logits;
+}
+
+}  // namespace llaisys

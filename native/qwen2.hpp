@@ -1,0 +1,102 @@
+// The Qwen2 decoder: weights, key/value cache and the forward pass of one tensor-parallel shard.
+// The model knows which slice it holds (Shard) but nothing about processes: the sums that join
+// the slices go through one all_reduce hook supplied by the caller.
+#pragma once
+
+#include <functional>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "ops.hpp"
+#include "tensor.hpp"
+
+namespace llaisys {
+
+struct Qwen2Config {
+    int64_t vocab_size = 0;
+    int64_t hidden_size = 0;  // D
+    int64_t n_layer = 0;
+    int64_t n_head = 0;
+    int64_t n_head_kv = 0;
+    int64_t head_dim = 0;
+    int64_t ffn_size = 0;     // F, the MLP's intermediate size
+    float rope_theta = 10000.0f;
+    float rms_eps = 1e-6f;
+};
+
+// What this process holds: query heads [head_begin, head_end), the key/value heads they read,
+// MLP columns [ffn_begin, ffn_end) and vocabulary rows [vocab_begin, vocab_end).
+// A single process holds everything.
+struct Shard {
+    int64_t head_begin = 0, head_end = 0;
+    int64_t kv_begin = 0, kv_end = 0;
+    int64_t ffn_begin = 0, ffn_end = 0;
+    int64_t vocab_begin = 0, vocab_end = 0;
+};
+
+// How row-parallel partial sums are joined: Exact (fixed point, identical for any rank count)
+// or Fast (f32 sums, whose rounding depends on how many ranks there are).
+enum class Reduction { Exact, Fast };
+
+struct Qwen2Options {
+    DType compute = DType::BF16;  // weight and cache dtype: BF16 or F32
+    int threads = 1;
+    Reduction reduction = Reduction::Exact;
+    int64_t ffn_block = 64;       // down_proj's fixed-point block; shard bounds are multiples of it
+};
+
+// In-place sum of a contiguous f32 or i64 tensor over the ranks that hold the other shards.
+using AllReduce = std::function<void(Tensor&)>;
+
+struct KVCache {
+    std::vector<Tensor> k, v;     // per layer: [kv heads held, capacity, head_dim]
+    std::vector<int32_t> tokens;  // the ids whose keys and values are stored, in order
+    int64_t capacity = 0;
+    void truncate(int64_t n_tokens);
+    size_t nbytes() const;
+};
+
+struct Qwen2Layer {
+    Tensor attn_norm;            // [D]
+    ops::PackedWeight qkv;       // [(H_l + 2 H_kv_l) * head_dim, D]: q, k, v rows of the held heads
+    Tensor qkv_bias;             // [(H_l + 2 H_kv_l) * head_dim]
+    ops::PackedWeight o;         // [D, H_l * head_dim]: o_proj columns of the held heads
+    Tensor ffn_norm;             // [D]
+    ops::PackedWeight gate_up;   // [2 F_l, D]: gate rows then up rows of the held columns
+    ops::PackedWeight down;      // [D, F_l]
+};
+
+class Qwen2 {
+  public:
+    // `weights` maps Hugging Face names to this shard's slices (see llaisys_chat/tp.py).
+    Qwen2(const Qwen2Config& config, const Shard& shard, const std::map<std::string, Tensor>& weights,
+          const Qwen2Options& options, AllReduce all_reduce);
+
+    KVCache new_cache(int64_t capacity) const;
+    // Runs `tokens` after those already in the cache, appends them to it, and returns the logits
+    // of this shard's vocabulary rows: [1, V_l] for the last position, or [M, V_l] for all.
+    Tensor forward(KVCache& cache, const std::vector<int32_t>& tokens, bool all_positions);
+
+    const Qwen2Config& config() const { return config_; }
+    const Shard& shard() const { return shard_; }
+    size_t weight_bytes() const;
+
+  private:
+    void attention_block(Tensor& x, const Qwen2Layer& layer, KVCache& cache, int64_t layer_index,
+                         const Tensor& positions);
+    void mlp_block(Tensor& x, const Qwen2Layer& layer);
+    void add_reduced_projection(Tensor& x, const Tensor& in, const ops::PackedWeight& w, int64_t k_block);
+
+    Qwen2Config config_;
+    Shard shard_;
+    Qwen2Options options_;
+    AllReduce all_reduce_;
+    Tensor embed_tokens;          // [V_l, D]
+    std::vector<Qwen2Layer> layers;
+    Tensor final_norm;            // [D]
+    ops::PackedWeight lm_head;    // [V_l, D]
+    std::vector<int64_t> kv_head_of;  // held query head -> held cache head
+};
+
+}  // namespace llaisys

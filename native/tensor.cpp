@@ -1,0 +1,199 @@
+#include "tensor.hpp"
+
+#include <bit>
+#include <cstdlib>
+#include <cstring>
+#include <stdexcept>
+
+namespace llaisys {
+
+size_t dtype_size(DType dtype) {
+    switch (dtype) {
+        case DType::F32: return 4;
+        case DType::F16: return 2;
+        case DType::BF16: return 2;
+        case DType::I32: return 4;
+        case DType::I64: return 8;
+    }
+    fail(__FILE__, __LINE__, "unknown dtype");
+}
+
+const char* dtype_name(DType dtype) {
+    switch (dtype) {
+        case DType::F32: return "f32";
+        case DType::F16: return "f16";
+        case DType::BF16: return "bf16";
+        case DType::I32: return "i32";
+        case DType::I64: return "i64";
+    }
+    return "?";
+}
+
+void fail(const char* file, int line, const std::string& message) {
+    throw std::runtime_error(std::string(file) + ":" + std::to_string(line) + ": " + message);
+}
+
+static std::vector<int64_t> contiguous_strides(const std::vector<int64_t>& shape) {
+    std::vector<int64_t> strides(shape.size());
+    int64_t stride = 1;
+    for (size_t i = shape.size(); i-- > 0;) {
+        strides[i] = stride;
+        stride *= shape[i];
+    }
+    return strides;
+}
+
+Tensor Tensor::empty(std::vector<int64_t> shape, DType dtype) {
+    Tensor t;
+    t.dtype = dtype;
+    t.strides = contiguous_strides(shape);
+    t.shape = std::move(shape);
+    // 64-byte alignment lets the kernels use aligned 512-bit loads on packed weights.
+    size_t bytes = (t.nbytes() + 63) / 64 * 64;
+    void* p = std::aligned_alloc(64, bytes ? bytes : 64);
+    LLAISYS_CHECK(p != nullptr, "out of memory allocating " + std::to_string(bytes) + " bytes");
+    t.storage = std::shared_ptr<void>(p, std::free);
+    t.base = static_cast<std::byte*>(p);
+    return t;
+}
+
+Tensor Tensor::zeros(std::vector<int64_t> shape, DType dtype) {
+    Tensor t = empty(std::move(shape), dtype);
+    std::memset(t.base, 0, t.nbytes());
+    return t;
+}
+
+Tensor Tensor::borrow(void* data, std::vector<int64_t> shape, std::vector<int64_t> strides,
+                      DType dtype, std::shared_ptr<void> owner) {
+    LLAISYS_CHECK(shape.size() == strides.size(), "shape and strides differ in rank");
+    Tensor t;
+    t.dtype = dtype;
+    t.shape = std::move(shape);
+    t.strides = std::move(strides);
+    t.storage = std::move(owner);
+    t.base = static_cast<std::byte*>(data);
+    return t;
+}
+
+int64_t Tensor::size(int64_t dim) const {
+    if (dim < 0) dim += ndim();
+    LLAISYS_CHECK(dim >= 0 && dim < ndim(), "dimension out of range");
+    return shape[dim];
+}
+
+int64_t Tensor::numel() const {
+    int64_t n = 1;
+    for (int64_t s : shape) n *= s;
+    return n;
+}
+
+bool Tensor::is_contiguous() const { return strides == contiguous_strides(shape); }
+
+Tensor Tensor::slice(int64_t dim, int64_t begin, int64_t end) const {
+    if (dim < 0) dim += ndim();
+    LLAISYS_CHECK(dim >= 0 && dim < ndim(), "slice dimension out of range");
+    LLAISYS_CHECK(0 <= begin && begin <= end && end <= shape[dim], "slice bounds out of range");
+    Tensor t = *this;
+    t.shape[dim] = end - begin;
+    t.base = base + begin * strides[dim] * dtype_size(dtype);
+    return t;
+}
+
+Tensor Tensor::view(std::vector<int64_t> new_shape) const {
+    LLAISYS_CHECK(is_contiguous(), "view needs a contiguous tensor");
+    Tensor t = *this;
+    t.strides = contiguous_strides(new_shape);
+    t.shape = std::move(new_shape);
+    LLAISYS_CHECK(t.numel() == numel(), "view changes the number of elements");
+    return t;
+}
+
+float bf16_to_f32(uint16_t bits) { return std::bit_cast<float>(static_cast<uint32_t>(bits) << 16); }
+
+uint16_t f32_to_bf16(float value) {
+    uint32_t u = std::bit_cast<uint32_t>(value);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);  // quiet NaN
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return static_cast<uint16_t>(u >> 16);
+}
+
+float f16_to_f32(uint16_t bits) { return static_cast<float>(std::bit_cast<_Float16>(bits)); }
+
+uint16_t f32_to_f16(float value) { return std::bit_cast<uint16_t>(static_cast<_Float16>(value)); }
+
+void to_f32(float* dst, const std::byte* src, DType dtype, int64_t n) {
+    switch (dtype) {
+        case DType::F32: std::memcpy(dst, src, n * sizeof(float)); return;
+        case DType::BF16: {
+            auto s = reinterpret_cast<const uint16_t*>(src);
+            for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_f32(s[i]);
+            return;
+        }
+        case DType::F16: {
+            auto s = reinterpret_cast<const uint16_t*>(src);
+            for (int64_t i = 0; i < n; ++i) dst[i] = f16_to_f32(s[i]);
+            return;
+        }
+        default: fail(__FILE__, __LINE__, std::string("not a float dtype: ") + dtype_name(dtype));
+    }
+}
+
+void from_f32(std::byte* dst, DType dtype, const float* src, int64_t n) {
+    switch (dtype) {
+        case DType::F32: std::memcpy(dst, src, n * sizeof(float)); return;
+        case DType::BF16: {
+            auto d = reinterpret_cast<uint16_t*>(dst);
+            for (int64_t i = 0; i < n; ++i) d[i] = f32_to_bf16(src[i]);
+            return;
+        }
+        case DType::F16: {
+            auto d = reinterpret_cast<uint16_t*>(dst);
+            for (int64_t i = 0; i < n; ++i) d[i] = f32_to_f16(src[i]);
+            return;
+        }
+        default: fail(__FILE__, __LINE__, std::string("not a float dtype: ") + dtype_name(dtype));
+    }
+}
+
+// Copies the last dimension as contiguous runs when both sides allow it, converting through f32.
+static void copy_rows(const Tensor& dst, const Tensor& src, int64_t dim, std::byte* d, const std::byte* s,
+                      std::vector<float>& scratch) {
+    size_t ds = dtype_size(dst.dtype), ss = dtype_size(src.dtype);
+    if (dim == dst.ndim() - 1) {
+        int64_t n = dst.shape[dim];
+        if (dst.strides[dim] == 1 && src.strides[dim] == 1) {
+            if (dst.dtype == src.dtype) {
+                std::memcpy(d, s, n * ds);
+            } else {
+                scratch.resize(n);
+                to_f32(scratch.data(), s, src.dtype, n);
+                from_f32(d, dst.dtype, scratch.data(), n);
+            }
+            return;
+        }
+        for (int64_t i = 0; i < n; ++i) {
+            float v;
+            to_f32(&v, s + i * src.strides[dim] * ss, src.dtype, 1);
+            from_f32(d + i * dst.strides[dim] * ds, dst.dtype, &v, 1);
+        }
+        return;
+    }
+    for (int64_t i = 0; i < dst.shape[dim]; ++i)
+        copy_rows(dst, src, dim + 1, d + i * dst.strides[dim] * ds, s + i * src.strides[dim] * ss, scratch);
+}
+
+void copy(Tensor& dst, const Tensor& src) {
+    LLAISYS_CHECK(dst.shape == src.shape, "copy between different shapes");
+    if (dst.numel() == 0) return;
+    bool ints = dst.dtype == DType::I32 || dst.dtype == DType::I64;
+    LLAISYS_CHECK(!ints || dst.dtype == src.dtype, "integer copies cannot convert dtype");
+    if (ints || dst.ndim() == 0) {
+        LLAISYS_CHECK(dst.is_contiguous() && src.is_contiguous(), "integer copies must be contiguous");
+        std::memcpy(dst.base, src.base, dst.nbytes());
+        return;
+    }
+    std::vector<float> scratch;
+    copy_rows(dst, src, 0, dst.base, src.base, scratch);
+}
+
+}  // namespace llaisys

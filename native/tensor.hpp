@@ -1,0 +1,64 @@
+// A plain strided tensor: dtype, shape, strides and a shared byte buffer. Views share the buffer.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace llaisys {
+
+enum class DType : uint8_t { F32, F16, BF16, I32, I64 };
+
+size_t dtype_size(DType dtype);
+const char* dtype_name(DType dtype);
+
+// Invariant violations are programming errors: they carry file:line and surface in Python as
+// RuntimeError (an exception rather than abort(), so that one bad call cannot kill a cluster engine).
+[[noreturn]] void fail(const char* file, int line, const std::string& message);
+#define LLAISYS_CHECK(cond, message)                               \
+    do {                                                           \
+        if (!(cond)) ::llaisys::fail(__FILE__, __LINE__, (message)); \
+    } while (0)
+
+struct Tensor {
+    DType dtype = DType::F32;
+    std::vector<int64_t> shape;
+    std::vector<int64_t> strides;   // in elements
+    std::shared_ptr<void> storage;  // owns the bytes, or keeps their owner alive
+    std::byte* base = nullptr;      // address of element [0, 0, ...]
+
+    static Tensor empty(std::vector<int64_t> shape, DType dtype);
+    static Tensor zeros(std::vector<int64_t> shape, DType dtype);
+    // Wraps memory owned elsewhere (a numpy array, a mapped file); `owner` keeps it alive.
+    static Tensor borrow(void* data, std::vector<int64_t> shape, std::vector<int64_t> strides,
+                         DType dtype, std::shared_ptr<void> owner);
+
+    int64_t ndim() const { return static_cast<int64_t>(shape.size()); }
+    int64_t size(int64_t dim) const;  // negative dims count from the end
+    int64_t numel() const;
+    size_t nbytes() const { return static_cast<size_t>(numel()) * dtype_size(dtype); }
+    bool is_contiguous() const;
+
+    Tensor slice(int64_t dim, int64_t begin, int64_t end) const;  // a view of [begin, end) along dim
+    Tensor view(std::vector<int64_t> new_shape) const;              // reshape of a contiguous tensor
+
+    template <class T>
+    T* data() const { return reinterpret_cast<T*>(base); }
+    std::byte* row(int64_t i) const { return base + i * strides[0] * dtype_size(dtype); }
+};
+
+// Element conversions shared by every op: bf16/f16 are widened to f32 for arithmetic.
+float bf16_to_f32(uint16_t bits);
+uint16_t f32_to_bf16(float value);  // round to nearest even
+float f16_to_f32(uint16_t bits);
+uint16_t f32_to_f16(float value);   // round to nearest even
+
+void to_f32(float* dst, const std::byte* src, DType dtype, int64_t n);    // a contiguous run
+void from_f32(std::byte* dst, DType dtype, const float* src, int64_t n);  // a contiguous run
+
+// dst = src, elementwise over equal shapes, converting dtype; either side may be strided.
+void copy(Tensor& dst, const Tensor& src);
+
+}  // namespace llaisys
