@@ -110,11 +110,11 @@ PYBIND11_MODULE(_native, m) {
         ops::embedding(o, arg(ids), arg(table), vocab_begin);
     });
     m.def("linear", [](py::array out, py::array x, const ops::PackedWeight& w, std::optional<py::array> bias) {
-        Tensor o = arg(out);
+        Tensor o = arg(out), xt = arg(x);
         std::optional<Tensor> b;
         if (bias) b = arg(*bias);
         py::gil_scoped_release nogil;
-        ops::linear(o, arg(x), w, b ? &*b : nullptr);
+        ops::linear(o, xt, w, b ? &*b : nullptr);
     }, py::arg("out"), py::arg("x"), py::arg("w"), py::arg("bias") = py::none());
     m.def("linear_fixed", [](py::array out, py::array x, const ops::PackedWeight& w, int64_t k_block) {
         Tensor o = arg(out);

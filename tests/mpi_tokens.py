@@ -1,0 +1,17 @@
+"""Run under mpiexec: several replies from one loaded engine; rank 0 prints their token ids as JSON.
+
+argv[1] is {"model": ..., "reduction": "exact"|"fast", "runs": [generate() keyword arguments, ...]}.
+"""
+import json
+import sys
+
+from llaisys_chat.comm import default_group
+from llaisys_chat.engine import Engine
+from llaisys_chat.generate import generate
+
+spec = json.loads(sys.argv[1])
+group = default_group()
+engine = Engine(spec["model"], group=group, threads=1, reduction=spec.get("reduction", "exact"))
+tokens = [generate(engine=engine, **run).new_ids for run in spec["runs"]]
+if group.rank == 0:
+    print(json.dumps({"ranks": group.size, "tokens": tokens, "info": engine.info()}))

@@ -1,0 +1,116 @@
+"""The engine on tiny random checkpoints against the numpy reference, and its cache behaviour."""
+import json
+
+import numpy as np
+import pytest
+
+from llaisys_chat.engine import Engine
+from llaisys_chat.errors import LlaisysError
+from llaisys_chat.sampling import SamplingParams
+from reference import qwen2_logits
+from tiny import load_weights_f64
+
+SHAPES = [
+    dict(layers=2, hidden=32, heads=4, kv_heads=2, ffn=64),                 # GQA, untied
+    dict(layers=1, hidden=48, heads=6, kv_heads=6, ffn=96, tied=True),      # MHA, tied embeddings
+    dict(layers=3, hidden=42, heads=7, kv_heads=1, ffn=70),                 # odd head count, MQA
+    dict(layers=2, hidden=32, heads=2, kv_heads=1, head_dim=24, ffn=40, rope_key="rope_parameters"),
+]
+
+
+def engine_logits(engine, tokens, chunks):
+    """All-position logits of `tokens`, fed to the engine in `chunks` (exercises the cache)."""
+    cache, out, at = engine.model.new_cache(64), [], 0
+    for n in chunks:
+        out.append(engine.model.forward(cache, tokens[at:at + n], all_positions=True))
+        at += n
+    return np.concatenate(out)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"h{s['heads']}kv{s['kv_heads']}{'-tied' if s.get('tied') else ''}")
+@pytest.mark.parametrize("dtype", ["f32", "bf16"])
+def test_logits_match_numpy_reference(tiny_models, shape, dtype):
+    folder = tiny_models(**shape, dtype=dtype)
+    config = json.loads((folder / "config.json").read_text())
+    tokens = [5, 17, 200, 3, 3, 90, 41, 7, 255, 12, 60]
+    expected = qwen2_logits(load_weights_f64(folder), config, tokens)
+    engine = Engine(folder, threads=2)
+    assert engine.compute == dtype
+    for chunks in ([len(tokens)], [4, 1, 1, 5], [1] * len(tokens)):
+        got = engine_logits(engine, tokens, chunks)
+        # f32 compute differs only in summation order; bf16 also rounds each matmul's input.
+        rel = np.abs(got - expected).max() / np.abs(expected).max()
+        assert rel < (2e-5 if dtype == "f32" else 3e-2), (chunks, rel)
+
+
+def test_sharded_checkpoint_loads_like_single_file(tiny_models):
+    single = Engine(tiny_models(layers=2, dtype="bf16"))
+    sharded = Engine(tiny_models(layers=2, dtype="bf16", sharded=True))
+    tokens = [1, 2, 3, 4]
+    assert np.array_equal(engine_logits(single, tokens, [4]), engine_logits(sharded, tokens, [4]))
+
+
+def test_threads_do_not_change_results(tiny_models):
+    folder = tiny_models(layers=2, dtype="bf16")
+    tokens = list(range(30, 60))
+    one, two = Engine(folder, threads=1), Engine(folder, threads=2)
+    assert np.array_equal(engine_logits(one, tokens, [30]), engine_logits(two, tokens, [30]))
+
+
+def test_multi_turn_cache_reuse_equals_fresh_computation(tiny_models):
+    folder = tiny_models(layers=2, dtype="bf16")
+    engine = Engine(folder)
+    messages = [{"role": "user", "content": "hello there"}]
+    first = engine.generate(engine.chat.encode_chat(messages), max_new_tokens=12).run()
+    messages += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "and again"}]
+    prompt = engine.chat.encode_chat(messages)
+    second = engine.generate(prompt, max_new_tokens=12).run()
+    assert second.stats.cached_tokens > len(first.prompt_ids)  # only the new turn was prefilled
+    fresh = Engine(folder).generate(prompt, max_new_tokens=12).run()
+    assert fresh.stats.cached_tokens == 0
+    assert second.tokens == fresh.tokens
+
+
+def test_sampling_is_reproducible_with_a_seed(tiny_models):
+    engine = Engine(tiny_models(layers=2))
+    prompt = engine.chat.encode_chat([{"role": "user", "content": "sample"}])
+    params = SamplingParams(temperature=1.0, top_k=20, top_p=0.9, seed=42)
+    runs = [engine.generate(prompt, params, max_new_tokens=16, cache_key=k).run().tokens for k in ("a", "b")]
+    assert runs[0] == runs[1]
+    other = engine.generate(prompt, SamplingParams(temperature=1.0, top_k=20, top_p=0.9, seed=43), max_new_tokens=16).run()
+    assert other.tokens != runs[0]
+
+
+def test_stop_strings_end_the_reply_and_are_not_shown(tiny_models):
+    engine = Engine(tiny_models(layers=2))
+    prompt = engine.chat.encode_chat([{"role": "user", "content": "go"}])
+    full = engine.generate(prompt, max_new_tokens=20).run()
+    stop = full.text[5:8]
+    assert len(stop) == 3
+    cut = engine.generate(prompt, max_new_tokens=20, stop=(stop,)).run()
+    assert cut.stats.finish_reason == "stop"
+    assert cut.text == full.text[:full.text.index(stop)]
+    streamed = "".join(piece for _, piece in engine.generate(prompt, max_new_tokens=20, stop=(stop,)))
+    assert streamed == cut.text
+
+
+def test_context_limit(tiny_models):
+    engine = Engine(tiny_models(layers=1), max_context=40)
+    long_prompt = engine.chat.encode_chat([{"role": "user", "content": "x" * 60}])
+    with pytest.raises(LlaisysError, match=r"the prompt is \d+ tokens but the context holds 40"):
+        engine.generate(long_prompt)
+    prompt = engine.chat.encode_chat([{"role": "user", "content": "hi"}])
+    run = engine.generate(prompt, max_new_tokens=100).run()
+    assert run.stats.finish_reason in ("context", "stop")
+    assert len(prompt) + len(run.tokens) <= 40 + 1
+
+
+def test_lru_caches_evict_and_reprefill(tiny_models):
+    engine = Engine(tiny_models(layers=1), cache_slots=2)
+    prompt = engine.chat.encode_chat([{"role": "user", "content": "remember"}])
+    first = engine.generate(prompt, max_new_tokens=5, cache_key="a").run()
+    engine.generate(prompt, max_new_tokens=5, cache_key="b").run()
+    assert engine.generate(prompt, max_new_tokens=5, cache_key="a").run().stats.cached_tokens == len(prompt) - 1
+    engine.generate(prompt, max_new_tokens=5, cache_key="c").run()  # evicts b, the least recently used
+    again = engine.generate(prompt, max_new_tokens=5, cache_key="b").run()
+    assert again.stats.cached_tokens == 0 and again.tokens == first.tokens

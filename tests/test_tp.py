@@ -1,0 +1,149 @@
+"""Tensor parallelism on real MPI ranks: shards reassemble, and every N gives the same tokens."""
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import mpiexec
+from llaisys_chat.checkpoint import Checkpoint
+from llaisys_chat.config import ModelConfig
+from llaisys_chat.engine import Engine
+from llaisys_chat.errors import LlaisysError
+from llaisys_chat.generate import generate
+from llaisys_chat.tp import ShardPlan, split
+
+SCRIPT = Path(__file__).parent / "mpi_tokens.py"
+PROMPTS = ["Write a haiku about MPI.", "用一句话介绍你自己。"]
+SAMPLING = [
+    dict(temperature=0.0),
+    dict(temperature=0.9, seed=3),                         # Gumbel-max over the split vocabulary
+    dict(temperature=0.8, top_k=20, top_p=0.9, seed=11),   # gathered per-shard candidates
+    dict(temperature=1.2, top_p=0.7, seed=5),              # exact global normaliser
+]
+TINY_LAYOUTS = [
+    dict(layers=2, hidden=32, heads=4, kv_heads=2, ffn=256),
+    dict(layers=2, hidden=42, heads=7, kv_heads=1, ffn=320, tied=True),
+    dict(layers=1, hidden=48, heads=6, kv_heads=3, ffn=192, dtype="bf16"),
+]
+
+
+def tokens_on_ranks(n, model, runs, reduction="exact"):
+    spec = json.dumps({"model": str(model), "runs": runs, "reduction": reduction})
+    result = mpiexec(n, sys.executable, SCRIPT, spec)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_split_is_contiguous_and_balanced():
+    for n in range(1, 20):
+        for parts in range(1, n + 1):
+            ranges = [split(n, parts, i) for i in range(parts)]
+            assert ranges[0][0] == 0 and ranges[-1][1] == n
+            assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+            sizes = [e - b for b, e in ranges]
+            assert max(sizes) - min(sizes) <= 1
+
+
+@pytest.mark.parametrize("layout", TINY_LAYOUTS[:2])
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_shards_reassemble_to_the_full_weights(tiny_models, layout, n):
+    folder = tiny_models(**layout)
+    config = ModelConfig.from_file(folder / "config.json")
+    checkpoint = Checkpoint(folder)
+    plans = [ShardPlan.for_rank(config, r, n) for r in range(n)]
+    shards = [p.slice_weights(checkpoint, config) for p in plans]
+    hd = config.head_dim
+    for name in checkpoint.names():
+        full = np.asarray(checkpoint[name])
+        kind = name.split(".")[-2]
+        if kind in ("k_proj", "v_proj"):  # replicated when ranks share a KV head: take each head once
+            rows = {}
+            for p, s in zip(plans, shards):
+                for kv in range(p.kv_begin, p.kv_end):
+                    rows[kv] = s[name][(kv - p.kv_begin) * hd:(kv - p.kv_begin + 1) * hd]
+            assert np.array_equal(np.concatenate([rows[k] for k in sorted(rows)]), full), name
+        elif kind in ("o_proj", "down_proj"):
+            assert np.array_equal(np.concatenate([s[name] for s in shards], axis=1), full), name
+        elif name == "lm_head.weight" or kind in ("q_proj", "gate_proj", "up_proj", "embed_tokens"):
+            assert np.array_equal(np.concatenate([s[name] for s in shards]), full), name
+        else:
+            assert all(np.array_equal(s[name], full) for s in shards), name
+    # Every query head reads a key/value head its rank holds.
+    group = config.num_attention_heads // config.num_key_value_heads
+    for p in plans:
+        assert all(p.kv_begin <= h // group < p.kv_end for h in range(p.head_begin, p.head_end))
+
+
+def test_too_many_ranks_is_a_clear_error(tiny_models):
+    config = ModelConfig.from_file(tiny_models(**TINY_LAYOUTS[0]) / "config.json")
+    with pytest.raises(LlaisysError, match="at most 4 ranks"):
+        ShardPlan.for_rank(config, 0, 5)
+
+
+@pytest.mark.parametrize("layout", TINY_LAYOUTS, ids=["gqa", "mqa-odd-tied", "bf16"])
+def test_tiny_models_give_the_same_tokens_for_any_rank_count(tiny_models, layout):
+    folder = tiny_models(**layout)
+    runs = [dict(prompt="tensor parallel", max_new_tokens=24, **s) for s in SAMPLING]
+    engine = Engine(folder, threads=1)
+    expected = [generate(engine=engine, **r).new_ids for r in runs]
+    for n in (1, 2, 3, 4):
+        assert tokens_on_ranks(n, folder, runs)["tokens"] == expected, f"N={n}"
+
+
+def test_demo_model_gives_the_same_tokens_for_any_rank_count(demo_folder):
+    runs = [dict(prompt=PROMPTS[0], max_new_tokens=32, **SAMPLING[0]),
+            dict(prompt=PROMPTS[1], max_new_tokens=32, **SAMPLING[0])] + \
+           [dict(prompt=PROMPTS[0], max_new_tokens=24, **s) for s in SAMPLING[1:]]
+    engine = Engine(demo_folder, threads=2)
+    expected = [generate(engine=engine, **r).new_ids for r in runs]
+    del engine
+    for n in (1, 2, 3, 4):
+        result = tokens_on_ranks(n, demo_folder, runs)
+        assert result["ranks"] == n
+        assert result["tokens"] == expected, f"N={n}"
+
+
+def test_demo_shard_memory_shrinks_with_ranks(demo_folder):
+    one = tokens_on_ranks(1, demo_folder, [])["info"]
+    two = tokens_on_ranks(2, demo_folder, [])["info"]
+    assert two["weight_bytes"] < 0.55 * one["weight_bytes"]
+    assert two["rss_bytes"] < 0.75 * one["rss_bytes"]
+
+
+def test_fast_reduction_also_runs(tiny_models):
+    folder = tiny_models(**TINY_LAYOUTS[0])
+    result = tokens_on_ranks(2, folder, [dict(prompt="fast", max_new_tokens=8)], reduction="fast")
+    assert len(result["tokens"][0]) > 0
+
+
+def test_a_rank_that_fails_to_load_stops_every_rank(tiny_models, tmp_path):
+    good = tiny_models(**TINY_LAYOUTS[0])
+    code = ("import sys\n"
+            "from llaisys_chat.comm import default_group\n"
+            "from llaisys_chat.engine import Engine\n"
+            "from llaisys_chat.errors import LlaisysError\n"
+            "g = default_group()\n"
+            "try:\n"
+            "    Engine(sys.argv[1] if g.rank == 0 else sys.argv[2], group=g)\n"
+            "except LlaisysError as e:\n"
+            "    print(f'rank {g.rank} stopped: {e}', flush=True)\n"
+            "    sys.exit(3)\n")
+    result = mpiexec(2, sys.executable, "-c", code, good, tmp_path / "missing", timeout=120)
+    assert result.returncode != 0
+    assert "rank 0 stopped: rank 1: " in result.stdout and "rank 1 stopped: rank 1: " in result.stdout
+    assert "no such model" in result.stdout
+
+
+def test_generate_cli_runs_under_mpiexec(tiny_models):
+    folder = tiny_models(**TINY_LAYOUTS[0])
+    cli = Path(sys.executable).parent / "llaisys-generate"
+    result = mpiexec(3, cli, "--model", folder, "--prompt", "hi", "--max-new-tokens", "6", "--json", timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1  # rank 0 alone prints
+    out = json.loads(lines[0])
+    assert out["ranks"] == 3 and len(out["new_ids"]) == 6
+    single = generate("hi", engine=Engine(folder), max_new_tokens=6)
+    assert out["new_ids"] == single.new_ids

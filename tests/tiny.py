@@ -1,0 +1,97 @@
+"""Tiny random Qwen2 checkpoints written by the tests: real files, any head layout, seconds to run."""
+import json
+from pathlib import Path
+
+import numpy as np
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+from llaisys_chat.gguf_convert import save_safetensors, to_bf16_bits
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def byte_tokenizer() -> Tokenizer:
+    """Byte-level BPE with no merges: 256 byte tokens, then the chat specials."""
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    tokenizer = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(alphabet))}, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIALS])
+    return tokenizer
+
+
+def write_tiny_model(folder: Path, *, layers=2, hidden=32, heads=4, kv_heads=2, head_dim=None, ffn=64,
+                     tied=False, dtype="f32", seed=0, rope_key="rope_theta", sharded=False) -> Path:
+    """A random Qwen2 checkpoint with config, tokenizer and chat template; returns the folder."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = byte_tokenizer()
+    vocab = tokenizer.get_vocab_size()
+    head_dim = head_dim or hidden // heads
+    rng = np.random.default_rng(seed)
+
+    def rand(*shape, scale=1.0):
+        return (rng.standard_normal(shape) * scale / np.sqrt(shape[-1])).astype(np.float32)
+
+    weights = {"model.embed_tokens.weight": rand(vocab, hidden, scale=4.0),
+               "model.norm.weight": 1 + 0.1 * rng.standard_normal(hidden).astype(np.float32)}
+    if not tied:
+        weights["lm_head.weight"] = rand(vocab, hidden, scale=4.0)
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        weights.update({
+            p + "input_layernorm.weight": 1 + 0.1 * rng.standard_normal(hidden).astype(np.float32),
+            p + "self_attn.q_proj.weight": rand(heads * head_dim, hidden, scale=2.0),
+            p + "self_attn.q_proj.bias": 0.1 * rng.standard_normal(heads * head_dim).astype(np.float32),
+            p + "self_attn.k_proj.weight": rand(kv_heads * head_dim, hidden, scale=2.0),
+            p + "self_attn.k_proj.bias": 0.1 * rng.standard_normal(kv_heads * head_dim).astype(np.float32),
+            p + "self_attn.v_proj.weight": rand(kv_heads * head_dim, hidden),
+            p + "self_attn.v_proj.bias": 0.1 * rng.standard_normal(kv_heads * head_dim).astype(np.float32),
+            p + "self_attn.o_proj.weight": rand(hidden, heads * head_dim),
+            p + "post_attention_layernorm.weight": 1 + 0.1 * rng.standard_normal(hidden).astype(np.float32),
+            p + "mlp.gate_proj.weight": rand(ffn, hidden),
+            p + "mlp.up_proj.weight": rand(ffn, hidden),
+            p + "mlp.down_proj.weight": rand(hidden, ffn),
+        })
+    stored = {k: to_bf16_bits(v) if dtype == "bf16" else v for k, v in weights.items()}
+    if sharded:
+        names = sorted(stored)
+        halves = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+        for file, part in halves.items():
+            save_safetensors({n: stored[n] for n in part}, folder / file)
+        weight_map = {n: f for f, part in halves.items() for n in part}
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    else:
+        save_safetensors(stored, folder / "model.safetensors")
+
+    config = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": vocab,
+              "hidden_size": hidden, "intermediate_size": ffn, "num_hidden_layers": layers,
+              "num_attention_heads": heads, "num_key_value_heads": kv_heads, "max_position_embeddings": 512,
+              "rms_norm_eps": 1e-6, "tie_word_embeddings": tied, "hidden_act": "silu"}
+    if head_dim != hidden // heads:
+        config["head_dim"] = head_dim
+    if rope_key == "rope_theta":
+        config["rope_theta"] = 10000.0
+    else:  # transformers 5 style
+        config["rope_parameters"] = {"rope_theta": 10000.0, "rope_type": "default"}
+    (folder / "config.json").write_text(json.dumps(config))
+    tokenizer.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"chat_template": TEMPLATE, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}))
+    im_end = tokenizer.token_to_id("<|im_end|>")
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [im_end]}))
+    return folder
+
+
+def load_weights_f64(folder: Path) -> dict[str, np.ndarray]:
+    """The stored weights of a tiny model as float64 (bf16 bits widened)."""
+    from llaisys_chat.checkpoint import Checkpoint
+
+    checkpoint = Checkpoint(folder)
+    out = {}
+    for name in checkpoint.names():
+        a = np.asarray(checkpoint[name])
+        out[name] = (a.astype(np.uint32) << 16).view(np.float32).astype(np.float64) if a.dtype == np.uint16 else a.astype(np.float64)
+    return out
