@@ -149,36 +149,55 @@ size_t Qwen2::weight_bytes() const {
     return total;
 }
 
-// x += in W^T summed over all shards: the row-parallel half of each block (o_proj, down_proj).
-void Qwen2::add_reduced_projection(Tensor& x, const Tensor& in, const ops::PackedWeight& w, int64_t k_block) {
-    Tensor partial = Tensor::empty(x.shape, DType::F32);
-    if (options_.reduction == Reduction::Exact) {
-        Tensor fixed = Tensor::zeros(x.shape, DType::I64);
-        ops::linear_fixed(fixed, in, w, k_block);
-        if (all_reduce_) all_reduce_(fixed);
-        ops::from_fixed(partial, fixed);
-    } else {
-        ops::linear(partial, in, w, nullptr);
-        if (all_reduce_) all_reduce_(partial);
+Qwen2::Workspace& Qwen2::workspace(int64_t M) {
+    const int64_t D = config_.hidden_size, hd = config_.head_dim;
+    const int64_t H_l = shard_.head_end - shard_.head_begin, KV_l = shard_.kv_end - shard_.kv_begin;
+    const int64_t F_l = shard_.ffn_end - shard_.ffn_begin;
+    if (ws_.x.shape.empty()) {
+        ws_.x = Tensor::empty({kChunkTokens, D}, DType::F32);
+        ws_.h = Tensor::empty({kChunkTokens, D}, DType::F32);
+        ws_.partial = Tensor::empty({kChunkTokens, D}, DType::F32);
+        ws_.fixed = Tensor::empty({kChunkTokens, D}, DType::I64);
+        ws_.qkv = Tensor::empty({kChunkTokens, (H_l + 2 * KV_l) * hd}, DType::F32);
+        ws_.attn = Tensor::empty({kChunkTokens, H_l, hd}, DType::F32);
+        ws_.gate_up = Tensor::empty({kChunkTokens, 2 * F_l}, DType::F32);
+        ws_.act = Tensor::empty({kChunkTokens, F_l}, DType::F32);
+        ws_.ids = Tensor::empty({kChunkTokens}, DType::I32);
+        ws_.positions = Tensor::empty({kChunkTokens}, DType::I64);
     }
-    ops::add(x, x, partial);
+    // Views of the first M rows of each buffer.
+    current_ = {ws_.x.slice(0, 0, M), ws_.h.slice(0, 0, M), ws_.partial.slice(0, 0, M), ws_.fixed.slice(0, 0, M),
+                ws_.qkv.slice(0, 0, M), ws_.attn.slice(0, 0, M), ws_.gate_up.slice(0, 0, M), ws_.act.slice(0, 0, M),
+                ws_.ids.slice(0, 0, M), ws_.positions.slice(0, 0, M)};
+    return current_;
 }
 
-void Qwen2::attention_block(Tensor& x, const Qwen2Layer& layer, KVCache& cache, int64_t layer_index,
-                            const Tensor& positions) {
-    const int64_t M = x.size(0), hd = config_.head_dim;
+// x += in W^T summed over all shards: the row-parallel half of each block (o_proj, down_proj).
+void Qwen2::add_reduced_projection(Workspace& ws, const Tensor& in, const ops::PackedWeight& w, int64_t k_block) {
+    if (options_.reduction == Reduction::Exact) {
+        std::memset(ws.fixed.base, 0, ws.fixed.nbytes());
+        ops::linear_fixed(ws.fixed, in, w, k_block);
+        if (all_reduce_) all_reduce_(ws.fixed);
+        ops::from_fixed(ws.partial, ws.fixed);
+    } else {
+        ops::linear(ws.partial, in, w, nullptr);
+        if (all_reduce_) all_reduce_(ws.partial);
+    }
+    ops::add(ws.x, ws.x, ws.partial);
+}
+
+void Qwen2::attention_block(Workspace& ws, const Qwen2Layer& layer, KVCache& cache, int64_t layer_index) {
+    const int64_t M = ws.x.size(0), hd = config_.head_dim;
     const int64_t H_l = shard_.head_end - shard_.head_begin, KV_l = shard_.kv_end - shard_.kv_begin;
     const int64_t n_past = static_cast<int64_t>(cache.tokens.size());
 
-    Tensor h = Tensor::empty(x.shape, DType::F32);
-    ops::rms_norm(h, x, layer.attn_norm, config_.rms_eps);
-    Tensor qkv = Tensor::empty({M, (H_l + 2 * KV_l) * hd}, DType::F32);
-    ops::linear(qkv, h, layer.qkv, &layer.qkv_bias);
-    Tensor q = heads_view(qkv, 0, H_l, hd);
-    Tensor k = heads_view(qkv, H_l * hd, KV_l, hd);
-    Tensor v = heads_view(qkv, (H_l + KV_l) * hd, KV_l, hd);
-    ops::rope(q, q, positions, config_.rope_theta);
-    ops::rope(k, k, positions, config_.rope_theta);
+    ops::rms_norm(ws.h, ws.x, layer.attn_norm, config_.rms_eps);
+    ops::linear(ws.qkv, ws.h, layer.qkv, &layer.qkv_bias);
+    Tensor q = heads_view(ws.qkv, 0, H_l, hd);
+    Tensor k = heads_view(ws.qkv, H_l * hd, KV_l, hd);
+    Tensor v = heads_view(ws.qkv, (H_l + KV_l) * hd, KV_l, hd);
+    ops::rope(q, q, ws.positions, config_.rope_theta);
+    ops::rope(k, k, ws.positions, config_.rope_theta);
 
     // Store the new keys and values at positions n_past.. of every held cache head.
     for (Tensor* src : {&k, &v}) {
@@ -189,53 +208,54 @@ void Qwen2::attention_block(Tensor& x, const Qwen2Layer& layer, KVCache& cache, 
         copy(dst, *src);
     }
 
-    Tensor attn = Tensor::empty({M, H_l, hd}, DType::F32);
-    ops::self_attention(attn, q, cache.k[layer_index], cache.v[layer_index], kv_head_of, n_past,
+    ops::self_attention(ws.attn, q, cache.k[layer_index], cache.v[layer_index], kv_head_of, n_past,
                         1.0f / std::sqrt(static_cast<float>(hd)));
-    add_reduced_projection(x, attn.view({M, H_l * hd}), layer.o, hd);
+    add_reduced_projection(ws, ws.attn.view({M, H_l * hd}), layer.o, hd);
 }
 
-void Qwen2::mlp_block(Tensor& x, const Qwen2Layer& layer) {
-    const int64_t M = x.size(0), F_l = shard_.ffn_end - shard_.ffn_begin;
-    Tensor h = Tensor::empty(x.shape, DType::F32);
-    ops::rms_norm(h, x, layer.ffn_norm, config_.rms_eps);
-    Tensor gate_up = Tensor::empty({M, 2 * F_l}, DType::F32);
-    ops::linear(gate_up, h, layer.gate_up, nullptr);
-    Tensor act = Tensor::empty({M, F_l}, DType::F32);
-    ops::swiglu(act, gate_up.slice(1, 0, F_l), gate_up.slice(1, F_l, 2 * F_l));
-    add_reduced_projection(x, act, layer.down, options_.ffn_block);
+void Qwen2::mlp_block(Workspace& ws, const Qwen2Layer& layer) {
+    const int64_t F_l = shard_.ffn_end - shard_.ffn_begin;
+    ops::rms_norm(ws.h, ws.x, layer.ffn_norm, config_.rms_eps);
+    ops::linear(ws.gate_up, ws.h, layer.gate_up, nullptr);
+    ops::swiglu(ws.act, ws.gate_up.slice(1, 0, F_l), ws.gate_up.slice(1, F_l, 2 * F_l));
+    add_reduced_projection(ws, ws.act, layer.down, options_.ffn_block);
 }
 
 Tensor Qwen2::forward(KVCache& cache, const std::vector<int32_t>& tokens, bool all_positions) {
-    const int64_t M = static_cast<int64_t>(tokens.size()), n_past = static_cast<int64_t>(cache.tokens.size());
+    const int64_t M = static_cast<int64_t>(tokens.size());
     LLAISYS_CHECK(M > 0, "forward needs at least one token");
-    LLAISYS_CHECK(n_past + M <= cache.capacity, "tokens exceed the cache capacity");
+    LLAISYS_CHECK(static_cast<int64_t>(cache.tokens.size()) + M <= cache.capacity, "tokens exceed the cache capacity");
     LLAISYS_CHECK(static_cast<int64_t>(cache.k.size()) == config_.n_layer, "cache belongs to another model");
 #ifdef _OPENMP
     omp_set_num_threads(options_.threads);
 #endif
-    Tensor ids = Tensor::empty({M}, DType::I32);
-    std::memcpy(ids.base, tokens.data(), M * sizeof(int32_t));
-    Tensor positions = Tensor::empty({M}, DType::I64);
-    for (int64_t m = 0; m < M; ++m) positions.data<int64_t>()[m] = n_past + m;
+    const int64_t V_l = shard_.vocab_end - shard_.vocab_begin;
+    Tensor logits = Tensor::empty({all_positions ? M : 1, V_l}, DType::F32);
+    // Long prompts run in chunks: activations stay small and the workspace is reused.
+    for (int64_t begin = 0; begin < M; begin += kChunkTokens) {
+        const int64_t end = std::min(M, begin + kChunkTokens), n = end - begin;
+        const int64_t n_past = static_cast<int64_t>(cache.tokens.size());
+        Workspace& ws = workspace(n);
+        std::memcpy(ws.ids.base, tokens.data() + begin, n * sizeof(int32_t));
+        for (int64_t m = 0; m < n; ++m) ws.positions.data<int64_t>()[m] = n_past + m;
 
-    // The embedding table is vocab-parallel: the one rank holding a token's row contributes it and
-    // the others add zeros, so this f32 sum is exact for any rank count.
-    Tensor x = Tensor::empty({M, config_.hidden_size}, DType::F32);
-    ops::embedding(x, ids, embed_tokens, shard_.vocab_begin);
-    if (all_reduce_) all_reduce_(x);
+        // The embedding table is vocab-parallel: the one rank holding a token's row contributes it
+        // and the others add zeros, so this f32 sum is exact for any rank count.
+        ops::embedding(ws.x, ws.ids, embed_tokens, shard_.vocab_begin);
+        if (all_reduce_) all_reduce_(ws.x);
+        for (int64_t i = 0; i < config_.n_layer; ++i) {
+            attention_block(ws, layers[i], cache, i);
+            mlp_block(ws, layers[i]);
+        }
+        cache.tokens.insert(cache.tokens.end(), tokens.begin() + begin, tokens.begin() + end);
 
-    for (int64_t i = 0; i < config_.n_layer; ++i) {
-        attention_block(x, layers[i], cache, i, positions);
-        mlp_block(x, layers[i]);
+        if (!all_positions && end < M) continue;  // only the last position's logits are wanted
+        Tensor rows = all_positions ? ws.x : ws.x.slice(0, n - 1, n);
+        Tensor h = ws.h.slice(0, 0, rows.size(0));
+        ops::rms_norm(h, rows, final_norm, config_.rms_eps);
+        Tensor out = all_positions ? logits.slice(0, begin, end) : logits;
+        ops::linear(out, h, lm_head, nullptr);
     }
-    cache.tokens.insert(cache.tokens.end(), tokens.begin(), tokens.end());
-
-    Tensor rows = all_positions ? x : x.slice(0, M - 1, M);
-    Tensor h = Tensor::empty(rows.shape, DType::F32);
-    ops::rms_norm(h, rows, final_norm, config_.rms_eps);
-    Tensor logits = Tensor::empty({rows.size(0), shard_.vocab_end - shard_.vocab_begin}, DType::F32);
-    ops::linear(logits, h, lm_head, nullptr);
     return logits;
 }
 

@@ -83,10 +83,25 @@ class Qwen2 {
     size_t weight_bytes() const;
 
   private:
-    void attention_block(Tensor& x, const Qwen2Layer& layer, KVCache& cache, int64_t layer_index,
-                         const Tensor& positions);
-    void mlp_block(Tensor& x, const Qwen2Layer& layer);
-    void add_reduced_projection(Tensor& x, const Tensor& in, const ops::PackedWeight& w, int64_t k_block);
+    // Activations of one chunk of tokens. Buffers are allocated once for kChunkTokens rows and
+    // reused: allocations this large would otherwise come fresh from mmap and fault on every call.
+    static constexpr int64_t kChunkTokens = 256;
+    struct Workspace {
+        Tensor x;        // [M, D] the residual stream
+        Tensor h;        // [M, D] normalised input of a block
+        Tensor partial;  // [M, D] a row-parallel projection, summed over shards
+        Tensor fixed;    // [M, D] i64 the same in fixed point, before the sum
+        Tensor qkv;      // [M, (H_l + 2 H_kv_l) * head_dim]
+        Tensor attn;     // [M, H_l, head_dim]
+        Tensor gate_up;  // [M, 2 F_l]
+        Tensor act;      // [M, F_l]
+        Tensor ids;      // [M] i32
+        Tensor positions;  // [M] i64
+    };
+    Workspace& workspace(int64_t M);  // views of the first M rows
+    void attention_block(Workspace& ws, const Qwen2Layer& layer, KVCache& cache, int64_t layer_index);
+    void mlp_block(Workspace& ws, const Qwen2Layer& layer);
+    void add_reduced_projection(Workspace& ws, const Tensor& in, const ops::PackedWeight& w, int64_t k_block);
 
     Qwen2Config config_;
     Shard shard_;
@@ -97,6 +112,8 @@ class Qwen2 {
     Tensor final_norm;            // [D]
     ops::PackedWeight lm_head;    // [V_l, D]
     std::vector<int64_t> kv_head_of;  // held query head -> held cache head
+    Workspace ws_;       // full-size buffers
+    Workspace current_;  // views of them for the chunk being computed
 };
 
 }  // namespace llaisys

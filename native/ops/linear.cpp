@@ -28,6 +28,8 @@ constexpr int64_t kTileTokens = 8, kTilePanelsPrefill = 2, kTilePanelsDecode = 4
 constexpr int64_t kTileTokens = 4, kTilePanelsPrefill = 1, kTilePanelsDecode = 2;
 #endif
 constexpr int kMaxTokens = 8, kMaxPanels = 4;
+// Software prefetch distance along each panel, in k-pairs (one 64-byte line per k-pair).
+constexpr int64_t kPrefetchPairs = 32;
 
 // tile[m][p*16 + lane] = sum over k-pairs [kp0, kp1) of x[m] . W[panel p, lane]; bf16 operands.
 template <int MT, int NP>
@@ -39,7 +41,10 @@ void tile_bf16(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t panel_
         for (int p = 0; p < NP; ++p) acc[m][p] = _mm512_setzero_ps();
     for (int64_t kp = kp0; kp < kp1; ++kp) {
         __m512bh wv[NP];
-        for (int p = 0; p < NP; ++p) wv[p] = (__m512bh)_mm512_load_si512(w + p * panel_stride + kp * 32);
+        for (int p = 0; p < NP; ++p) {
+            __builtin_prefetch(w + p * panel_stride + (kp + kPrefetchPairs) * 32);
+            wv[p] = (__m512bh)_mm512_load_si512(w + p * panel_stride + kp * 32);
+        }
         for (int m = 0; m < MT; ++m) {
             int32_t pair;
             std::memcpy(&pair, x + m * ldx + 2 * kp, sizeof pair);
@@ -116,10 +121,12 @@ void run_tile(int64_t mt, int64_t np, const T* x, int64_t ldx, const T* w, int64
 }
 
 // The left operand in the kernel's element type: bf16 rows padded to the panels' even k, or f32.
+// (A per-thread buffer that only grows: fresh large allocations would fault pages on every call.)
 template <class T>
-std::vector<T> prepare_lhs(const Tensor& x, int64_t n_in_padded) {
+const T* prepare_lhs(const Tensor& x, int64_t n_in_padded) {
     int64_t rows = n_rows(x), n_in = x.size(-1);
-    std::vector<T> lhs(rows * n_in_padded, T{0});
+    thread_local std::vector<T> lhs;
+    lhs.assign(rows * n_in_padded, T{0});
     std::vector<float> scratch;
     for (int64_t m = 0; m < rows; ++m) {
         const float* xr = row_f32(x, m, scratch);
@@ -130,7 +137,7 @@ std::vector<T> prepare_lhs(const Tensor& x, int64_t n_in_padded) {
             std::memcpy(dst, xr, n_in * sizeof(float));
         }
     }
-    return lhs;
+    return lhs.data();
 }
 
 // Runs every tile of x W^T over k blocks of k_block columns and hands each to
@@ -140,7 +147,7 @@ template <class T, class Sink>
 void for_each_tile(const Tensor& x, const PackedWeight& w, int64_t k_block, Sink sink) {
     constexpr int64_t k_unit = std::is_same_v<T, uint16_t> ? 2 : 1;  // bf16 panels step in k-pairs
     int64_t n_in_padded = w.panels.size(1) * k_unit;
-    std::vector<T> lhs = prepare_lhs<T>(x, n_in_padded);
+    const T* lhs = prepare_lhs<T>(x, n_in_padded);
     int64_t M = n_rows(x), n_panels = w.panels.size(0), panel_stride = w.panels.strides[0];
     int64_t group = M == 1 ? kTilePanelsDecode : kTilePanelsPrefill;
     int64_t n_groups = (n_panels + group - 1) / group;
@@ -153,7 +160,7 @@ void for_each_tile(const Tensor& x, const PackedWeight& w, int64_t k_block, Sink
             int64_t mt = std::min(kTileTokens, M - m0);
             for (int64_t k0 = 0; k0 < n_in_padded; k0 += k_block) {
                 int64_t k1 = std::min(k0 + k_block, n_in_padded);
-                run_tile<T>(mt, np, lhs.data() + m0 * n_in_padded, n_in_padded, weights + p0 * panel_stride,
+                run_tile<T>(mt, np, lhs + m0 * n_in_padded, n_in_padded, weights + p0 * panel_stride,
                             panel_stride, k0 / k_unit, k1 / k_unit, tile);
                 sink(m0, mt, p0, np, tile);
             }
