@@ -7,7 +7,6 @@ model's all-reduce hook and in `choose_token`, which every rank enters at every 
 import os
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,39 +18,11 @@ from .comm import SingleProcess, raise_if_any_failed
 from .config import ModelConfig
 from .errors import LlaisysError
 from .model_files import resolve_model
+from .reply import GenerationStats
 from .sampling import STOP, SamplingParams, choose_token
 from .tp import ShardPlan
 
 DEFAULT_MAX_CONTEXT = 8192
-
-
-@dataclass
-class GenerationStats:
-    """Counts and timings of one reply."""
-
-    prompt_tokens: int = 0
-    cached_tokens: int = 0       # prompt tokens whose keys/values were already in the cache
-    new_tokens: int = 0
-    prefill_seconds: float = 0.0
-    first_token_seconds: float = 0.0  # from the call to the first token
-    decode_seconds: float = 0.0
-    finish_reason: str = ""      # stop | length | context | interrupted
-
-    @property
-    def prefill_tokens_per_s(self) -> float:
-        """Prompt tokens computed per second (cached ones excluded)."""
-        computed = self.prompt_tokens - self.cached_tokens
-        return computed / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
-
-    @property
-    def decode_tokens_per_s(self) -> float:
-        """Tokens per second after the first one."""
-        return (self.new_tokens - 1) / self.decode_seconds if self.new_tokens > 1 and self.decode_seconds > 0 else 0.0
-
-    def to_dict(self) -> dict:
-        """Fields and rates as a plain dict."""
-        return {**self.__dict__, "prefill_tokens_per_s": self.prefill_tokens_per_s,
-                "decode_tokens_per_s": self.decode_tokens_per_s}
 
 
 class Engine:

@@ -5,53 +5,14 @@ Runs in one process, or tensor-parallel under `mpiexec -n N llaisys-generate ...
 import argparse
 import json
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from .comm import default_group
-from .engine import Engine, GenerationStats
+from .engine import Engine
 from .errors import LlaisysError
+from .messages import build_messages
+from .reply import Reply
 from .sampling import SamplingParams
-
-
-@dataclass
-class Reply:
-    """A finished reply: its text, the prompt's and the reply's token ids, and timings."""
-
-    text: str
-    prompt_ids: list[int]
-    new_ids: list[int]
-    stats: GenerationStats = field(default_factory=GenerationStats)
-
-    def to_dict(self) -> dict:
-        """JSON-ready fields, rates included."""
-        return {"text": self.text, "prompt_ids": self.prompt_ids, "new_ids": self.new_ids, **self.stats.to_dict()}
-
-
-def build_messages(prompt: str | None = None, system: str | None = None, messages: list | None = None) -> list[dict]:
-    """A chat message list from a prompt, an optional system line and/or earlier messages."""
-    result = [] if messages is None else validate_messages(messages)
-    if system is not None:
-        result = [{"role": "system", "content": system}] + [m for m in result if m["role"] != "system"]
-    if prompt is not None:
-        result.append({"role": "user", "content": prompt})
-    if not result:
-        raise LlaisysError("nothing to answer: give a prompt or messages")
-    return result
-
-
-def validate_messages(messages) -> list[dict]:
-    """Check a list of {"role", "content"} dicts; returns plain copies."""
-    if not isinstance(messages, list):
-        raise LlaisysError("messages must be a JSON list of {\"role\", \"content\"} objects")
-    result = []
-    for i, m in enumerate(messages):
-        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
-            raise LlaisysError(f"message {i} must be an object with string 'role' and 'content'")
-        if m["role"] not in ("system", "user", "assistant"):
-            raise LlaisysError(f"message {i} has role {m['role']!r}; use system, user or assistant")
-        result.append({"role": m["role"], "content": m["content"]})
-    return result
 
 
 def generate(prompt: str | None = None, *, messages: list | None = None, system: str | None = None,

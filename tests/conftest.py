@@ -1,5 +1,7 @@
 """Shared fixtures: tiny random checkpoints on disk, and the demo model (downloaded once per machine)."""
+import contextlib
 import os
+import time
 import sys
 from pathlib import Path
 
@@ -44,3 +46,35 @@ def mpiexec(n: int, *args, timeout=600, env=None):
     cmd = [str(launcher), "-n", str(n), "--oversubscribe", *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
                           env={**os.environ, **(env or {})})
+
+
+@contextlib.contextmanager
+def ipcluster(ipython_dir: Path, n: int = 2, engines: str = "MPI"):
+    """A real `ipcluster start --engines=... -n N` in its own IPython folder, stopped afterwards.
+
+    IPYTHONDIR points this process at the folder too, so cluster.connect() finds the cluster.
+    """
+    import subprocess
+
+    bin_dir = Path(sys.executable).parent
+    profile = ipython_dir / "profile_default"
+    profile.mkdir(parents=True, exist_ok=True)
+    (profile / "ipcontroller_config.py").write_text("c.HeartMonitor.period = 500\n")
+    (profile / "ipcluster_config.py").write_text(f"c.MPILauncher.mpi_cmd = [{str(bin_dir / 'mpiexec')!r}]\n"
+                                                 "c.MPILauncher.mpi_args = ['--oversubscribe']\n")
+    env = {**os.environ, "IPYTHONDIR": str(ipython_dir), "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    previous = os.environ.get("IPYTHONDIR")
+    os.environ["IPYTHONDIR"] = str(ipython_dir)
+    subprocess.run([bin_dir / "ipcluster", "start", f"--engines={engines}", "-n", str(n), "--daemonize"],
+                   env=env, check=True, capture_output=True, timeout=60)
+    try:
+        deadline = time.monotonic() + 30
+        while not (profile / "security" / "cluster-.json").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        yield profile
+    finally:
+        subprocess.run([bin_dir / "ipcluster", "stop"], env=env, capture_output=True, timeout=60)
+        if previous is None:
+            os.environ.pop("IPYTHONDIR", None)
+        else:
+            os.environ["IPYTHONDIR"] = previous

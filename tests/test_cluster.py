@@ -1,0 +1,155 @@
+"""The cluster API against a real `ipcluster start --engines=MPI -n 2` and the real demo model."""
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from conftest import ipcluster
+from llaisys_chat import cluster
+from llaisys_chat.engine import Engine
+from llaisys_chat.errors import LlaisysError
+from llaisys_chat.generate import generate
+
+PROMPT = "Write a short poem about message passing."
+LONG = "Write a very long, detailed essay about the history of parallel computing."
+
+
+@pytest.fixture(scope="module")
+def chat(tmp_path_factory):
+    """A client of a two-engine MPI cluster holding the demo model."""
+    with ipcluster(tmp_path_factory.mktemp("ipython"), n=2):
+        client = cluster.connect("demo", quiet=True)
+        yield client
+        client.close()
+
+
+def test_engines_are_the_ranks_and_hold_half_the_model(chat, demo_folder):
+    info = chat.info()
+    assert info["ranks"] == 2 and info["max_context"] == 8192
+    shards = [r["shard"] for r in info["per_rank"]]
+    assert shards[0]["head_end"] == shards[1]["head_begin"] == 7
+    single = Engine(demo_folder, threads=1).model.weight_bytes
+    assert all(r["weight_bytes"] < 0.55 * single for r in info["per_rank"])
+
+
+def test_generate_equals_the_single_process_engine(chat, demo_folder):
+    expected = generate(PROMPT, engine=Engine(demo_folder, threads=2), max_new_tokens=40)
+    reply = chat.generate(PROMPT, max_new_tokens=40)
+    assert reply.new_ids == expected.new_ids and reply.text == expected.text
+    assert reply.stats.decode_tokens_per_s > 0 and reply.stats.first_token_seconds > 0
+    sampled = [chat.generate(PROMPT, max_new_tokens=20, temperature=0.8, top_k=20, seed=9).new_ids for _ in range(2)]
+    assert sampled[0] == sampled[1]
+
+
+def test_streaming_yields_the_blocking_text_in_order(chat):
+    blocking = chat.generate(PROMPT, max_new_tokens=60)
+    stream = chat.generate(PROMPT, max_new_tokens=60, stream=True)
+    pieces = list(stream)
+    assert len(pieces) > 10
+    assert "".join(pieces) == blocking.text == stream.reply.text
+    assert sorted(stream.delays)[len(stream.delays) // 2] < 0.05
+
+
+def test_stop_mid_reply_keeps_the_partial_reply_and_the_next_turn_works(chat):
+    session = chat.session(temperature=0)
+    stream = session.send(LONG, stream=True, max_new_tokens=400)
+    received = ""
+    for i, piece in enumerate(stream):
+        received += piece
+        if i == 15:
+            stream.stop()
+    assert stream.reply.stats.finish_reason == "interrupted"
+    assert 15 <= stream.reply.stats.new_tokens < 60
+    assert session.messages[-1] == {"role": "assistant", "content": stream.reply.text}
+    assert received == stream.reply.text
+    follow_up = session.send("Summarise that in one sentence.", max_new_tokens=30)
+    assert follow_up.text and follow_up.stats.cached_tokens > 0
+    # Every rank left the stopped reply at the same step: a fresh greedy reply matches the engine.
+    assert chat.generate(PROMPT, max_new_tokens=12).new_ids == chat.generate(PROMPT, max_new_tokens=12).new_ids
+
+
+def test_ctrl_c_in_the_client_stops_every_rank(chat):
+    session = chat.session(temperature=0)
+    timer = threading.Timer(1.0, lambda: os.kill(os.getpid(), signal.SIGINT))
+    timer.start()
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        session.send(LONG, max_new_tokens=2000)
+    assert time.monotonic() - started < 10
+    assert session.messages[-1]["role"] == "assistant" and session.last_reply.stats.finish_reason == "interrupted"
+    assert session.send("Thanks!", max_new_tokens=10).text
+
+
+def test_stop_strings_and_max_tokens_end_replies(chat):
+    counted = chat.generate("Count from 1 to 20, separated by commas.", max_new_tokens=80)
+    assert "5" in counted.text
+    stopped = chat.generate("Count from 1 to 20, separated by commas.", max_new_tokens=80, stop=", 5")
+    assert stopped.text == counted.text[: counted.text.index(", 5")] and stopped.stats.finish_reason == "stop"
+    short = chat.generate(LONG, max_new_tokens=7)
+    assert short.stats.new_tokens == 7 and short.stats.finish_reason == "length"
+
+
+def test_two_sessions_keep_separate_histories(chat):
+    alice, bob = chat.session(temperature=0), chat.session(temperature=0)
+    alice.send("My name is Alice. Remember it.", max_new_tokens=20)
+    bob.send("My name is Bob. Remember it.", max_new_tokens=20)
+    assert "Alice" in alice.send("What is my name?", max_new_tokens=20).text
+    assert "Bob" in bob.send("What is my name?", max_new_tokens=20).text
+    assert len(alice.messages) == len(bob.messages) == 4
+    assert all("Bob" not in m["content"] for m in alice.messages if m["role"] == "user")
+
+
+def test_session_undo_regenerate_save_and_load(chat, tmp_path):
+    session = chat.session(system="You are terse.", temperature=0)
+    first = session.send("Name a prime number.", max_new_tokens=10).text
+    again = session.regenerate(max_new_tokens=10).text
+    assert again == first and len(session.messages) == 2
+    path = session.save(tmp_path / "chat.json")
+    restored = chat.session()
+    restored.load(path)
+    assert restored.messages == session.messages and restored.system == "You are terse."
+    assert restored.sampling == session.sampling
+    assert session.undo() == "Name a prime number." and session.messages == []
+    with pytest.raises(LlaisysError, match="not a saved conversation"):
+        (tmp_path / "bad.json").write_text("[1, 2]")
+        restored.load(tmp_path / "bad.json")
+
+
+def test_user_errors_come_back_as_one_line(chat):
+    with pytest.raises(LlaisysError, match="the context holds 8192"):
+        chat.generate("word " * 9000, max_new_tokens=5)
+    with pytest.raises(LlaisysError, match="temperature"):
+        chat.generate("hi", temperature=-1)
+    assert chat.generate("hi", max_new_tokens=3).text  # the engines are fine afterwards
+
+
+def test_reconnect_reuses_the_loaded_model(chat):
+    started = time.monotonic()
+    second = cluster.connect("demo", quiet=True)
+    try:
+        assert time.monotonic() - started < 5
+        assert second.generate(PROMPT, max_new_tokens=8).new_ids == chat.generate(PROMPT, max_new_tokens=8).new_ids
+    finally:
+        second.close()
+
+
+def test_a_killed_engine_gives_an_error_then_restart_recovers(chat):
+    """Last in this module: it kills rank 1 mid-reply."""
+    pid = chat.info()["per_rank"][1]["pid"]
+    stream = chat.generate(LONG, max_new_tokens=2000, stream=True)
+    started = time.monotonic()
+    with pytest.raises(LlaisysError, match="died"):
+        for i, _ in enumerate(stream):
+            if i == 5:
+                os.kill(pid, signal.SIGKILL)
+    assert time.monotonic() - started < 15
+    chat.restart()
+    assert chat.generate(PROMPT, max_new_tokens=8).text
+
+
+def test_engines_that_are_not_mpi_ranks_are_refused(tmp_path):
+    with ipcluster(tmp_path, n=2, engines="local"):
+        with pytest.raises(LlaisysError, match="not the ranks of one MPI communicator"):
+            cluster.connect("demo", quiet=True)
