@@ -16,7 +16,10 @@ class SingleProcess:
     """One process holding the whole model: every collective is the identity."""
 
     rank, size = 0, 1
-    all_reduce = None  # native hook: nothing to join
+
+    def native_mpi(self) -> None:
+        """Nothing to join: the native model runs without an all-reduce."""
+        return None
 
     def maxloc(self, value: float, index: int) -> tuple[float, int]:
         """(largest value, its index) over ranks; ties go to the lowest index."""
@@ -46,9 +49,12 @@ class MPIGroup(SingleProcess):
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         self._pair = np.zeros(1, dtype=[("value", np.float32), ("index", np.int32)])
 
-    def all_reduce(self, array: np.ndarray) -> None:
-        """In-place sum of an f32 or i64 array over ranks (the native model's hook)."""
-        self.comm.Allreduce(self._mpi.IN_PLACE, array, op=self._mpi.SUM)
+    def native_mpi(self) -> dict:
+        """Handles for the native model's all-reduce: MPI_Allreduce's address and this communicator's
+        handles, so that the engine calls MPI directly (no Python, no GIL, no MPI build dependency)."""
+        MPI = self._mpi
+        return {"allreduce": _mpi_allreduce_address(), "comm": MPI._handleof(self.comm), "f32": MPI._handleof(MPI.FLOAT),
+                "i64": MPI._handleof(MPI.INT64_T), "sum": MPI._handleof(MPI.SUM)}
 
     def maxloc(self, value: float, index: int) -> tuple[float, int]:
         self._pair[0] = (value, index)
@@ -63,6 +69,20 @@ class MPIGroup(SingleProcess):
 
     def allgather(self, obj) -> list:
         return self.comm.allgather(obj)
+
+
+def _mpi_allreduce_address() -> int:
+    """Address of MPI_Allreduce in the MPI library this process has loaded (through mpi4py)."""
+    import ctypes
+
+    libraries = {line.split()[-1] for line in open("/proc/self/maps") if "/libmpi" in line}
+    for path in sorted(libraries):
+        try:
+            library = ctypes.CDLL(path, mode=os.RTLD_NOLOAD | ctypes.RTLD_GLOBAL)
+            return ctypes.cast(library.MPI_Allreduce, ctypes.c_void_p).value
+        except (OSError, AttributeError):
+            continue
+    raise LlaisysError("cannot find MPI_Allreduce in the MPI library loaded by mpi4py")
 
 
 def launched_by_mpi() -> bool:

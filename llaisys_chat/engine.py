@@ -60,7 +60,7 @@ class Engine:
         }
         self.model = _native.Qwen2(native_config, self.plan.native_dict(), self.plan.slice_weights(checkpoint, self.config),
                                    compute=compute, threads=self.threads, reduction=reduction,
-                                   ffn_block=self.plan.ffn_block, all_reduce=self.group.all_reduce)
+                                   ffn_block=self.plan.ffn_block, mpi=self.group.native_mpi())
         del checkpoint  # unmap the file: only the packed shard stays resident
         self.max_context = max_context or min(self.config.max_position_embeddings, DEFAULT_MAX_CONTEXT)
         if self.max_context < 2:

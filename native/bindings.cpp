@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include "mpi_all_reduce.hpp"
 #include "ops.hpp"
 #include "qwen2.hpp"
 
@@ -165,7 +166,7 @@ PYBIND11_MODULE(_native, m) {
 
     py::class_<Qwen2>(m, "Qwen2")
         .def(py::init([](py::dict config, py::dict shard, py::dict weights, const std::string& compute, int threads,
-                         const std::string& reduction, int64_t ffn_block, std::optional<py::function> all_reduce) {
+                         const std::string& reduction, int64_t ffn_block, std::optional<py::dict> mpi) {
                  Qwen2Config c;
                  c.vocab_size = field<int64_t>(config, "vocab_size");
                  c.hidden_size = field<int64_t>(config, "hidden_size");
@@ -194,23 +195,21 @@ PYBIND11_MODULE(_native, m) {
                  std::map<std::string, Tensor> w;
                  for (auto item : weights) w[item.first.cast<std::string>()] = arg(item.second.cast<py::array>());
                  AllReduce hook;
-                 if (all_reduce) {
-                     // Copies of the hook are made without the GIL, so they share one reference.
-                     auto fn = std::shared_ptr<py::function>(new py::function(*all_reduce), [](py::function* f) {
-                         py::gil_scoped_acquire gil;
-                         delete f;
-                     });
-                     hook = [fn](Tensor& t) {
-                         py::gil_scoped_acquire gil;
-                         (*fn)(to_numpy(t));
-                     };
+                 if (mpi) {
+                     MpiHandles h;
+                     h.allreduce = field<intptr_t>(*mpi, "allreduce");
+                     h.comm = field<intptr_t>(*mpi, "comm");
+                     h.f32 = field<intptr_t>(*mpi, "f32");
+                     h.i64 = field<intptr_t>(*mpi, "i64");
+                     h.sum = field<intptr_t>(*mpi, "sum");
+                     hook = mpi_all_reduce(h);
                  }
                  py::gil_scoped_release nogil;
                  return std::make_unique<Qwen2>(c, s, w, o, hook);
              }),
              py::arg("config"), py::arg("shard"), py::arg("weights"), py::arg("compute") = "bf16",
              py::arg("threads") = 1, py::arg("reduction") = "exact", py::arg("ffn_block") = 64,
-             py::arg("all_reduce") = py::none())
+             py::arg("mpi") = py::none())
         .def("new_cache", &Qwen2::new_cache, py::arg("capacity"))
         .def("forward", [](Qwen2& model, KVCache& cache, std::vector<int32_t> tokens, bool all_positions) {
             Tensor logits;

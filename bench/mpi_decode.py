@@ -1,0 +1,21 @@
+"""Run under mpiexec: greedy replies to one prompt straight from the engines (no cluster, no client).
+
+argv: model prompt max_new_tokens repetitions [reduction]. Rank 0 prints one JSON line per reply
+with its stats, so that other benchmarks can compare against the bare engine.
+"""
+import json
+import sys
+
+from llaisys_chat.comm import default_group
+from llaisys_chat.engine import Engine
+from llaisys_chat.generate import generate
+
+model, prompt, max_new_tokens, repetitions = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+reduction = sys.argv[5] if len(sys.argv) > 5 else "exact"
+group = default_group()
+engine = Engine(model, group=group, threads=1, reduction=reduction)
+for _ in range(repetitions):
+    engine.drop_cache("default")  # a full prefill each time, as a fresh request would have
+    reply = generate(prompt, engine=engine, max_new_tokens=max_new_tokens)
+    if group.rank == 0:
+        print(json.dumps({**reply.stats.to_dict(), "new_ids": reply.new_ids, "info": engine.info()}), flush=True)
