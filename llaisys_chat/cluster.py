@@ -17,6 +17,7 @@ import json
 import os
 import socket
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -24,6 +25,7 @@ from pathlib import Path
 from . import worker
 from .errors import LlaisysError
 from .messages import build_messages, validate_messages
+from .model_files import resolve_model
 from .reply import GenerationStats, Reply
 from .sampling import SamplingParams
 from .session import Session
@@ -133,6 +135,9 @@ class ClusterClient:
             model = held["model"] if held else "demo"
         spec = {"model": str(model), **engine_options}
         if held != spec:
+            if all(r["host"] == socket.gethostname() for r in self._ranks):
+                # Download/convert here, where progress shows; the engines then find the files ready.
+                resolve_model(model, dtype="f32" if engine_options.get("compute") == "f32" else "bf16")
             self._say(f"loading {model} on {self.n_ranks} ranks...")
         results = self._call(worker.load, spec, timeout=LOAD_TIMEOUT)
         self.spec = spec
@@ -250,15 +255,18 @@ class ClusterClient:
         if self._streams is None:
             import zmq
 
-            local = all(r["host"] == socket.gethostname() for r in self._ranks)
-            host = "127.0.0.1" if local else os.environ.get("LLAISYS_CLIENT_IP") or socket.gethostbyname(socket.gethostname())
             context = zmq.Context.instance()
             tokens, control = context.socket(zmq.PULL), context.socket(zmq.PUSH)
-            bind = "127.0.0.1" if local else "0.0.0.0"
-            tokens_port = tokens.bind_to_random_port(f"tcp://{bind}")
-            control_port = control.bind_to_random_port(f"tcp://{bind}")
+            if all(r["host"] == socket.gethostname() for r in self._ranks):
+                # Unix sockets: the cheapest transport when rank 0 runs on this machine.
+                base = Path(tempfile.gettempdir()) / f"llaisys-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+                self._addresses = (f"ipc://{base}-tokens", f"ipc://{base}-control")
+                tokens.bind(self._addresses[0])
+                control.bind(self._addresses[1])
+            else:
+                host = os.environ.get("LLAISYS_CLIENT_IP") or socket.gethostbyname(socket.gethostname())
+                self._addresses = tuple(f"tcp://{host}:{s.bind_to_random_port('tcp://0.0.0.0')}" for s in (tokens, control))
             self._streams = {"tokens": tokens, "control": control}
-            self._addresses = (f"tcp://{host}:{tokens_port}", f"tcp://{host}:{control_port}")
         return self._streams
 
 

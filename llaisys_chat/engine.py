@@ -17,6 +17,7 @@ from .checkpoint import Checkpoint
 from .comm import SingleProcess, raise_if_any_failed
 from .config import ModelConfig
 from .errors import LlaisysError
+from .messages import partial_suffix
 from .model_files import resolve_model
 from .reply import GenerationStats
 from .sampling import STOP, SamplingParams, choose_token
@@ -180,7 +181,7 @@ def _stop_position(text: str, stops: tuple[str, ...]) -> int | None:
 
 def _held_back(text: str, stops: tuple[str, ...]) -> int:
     """Length of the longest tail of text that is the start of a stop string."""
-    return max((n for s in stops for n in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:n])), default=0)
+    return max((partial_suffix(text, s) for s in stops if s), default=0)
 
 
 def default_threads(group) -> int:

@@ -48,3 +48,8 @@ def visible_reply(text: str) -> str:
 
 
 _THINK_BLOCK = re.compile(r"<think>.*?</think>", re.DOTALL)
+
+
+def partial_suffix(text: str, tag: str) -> int:
+    """Length of the longest end of text that could be the start of tag (a tag cut between pieces)."""
+    return next((n for n in range(min(len(tag) - 1, len(text)), 0, -1) if tag.startswith(text[-n:])), 0)

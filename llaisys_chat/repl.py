@@ -1,0 +1,256 @@
+"""`llaisys-chat`: chat with the cluster's model in the terminal.
+
+A prompt_toolkit loop over one Session: replies stream as they are generated, Ctrl-C stops a reply
+on every rank and keeps what was written, slash commands (commands.py) change settings and the
+conversation. With standard input not a terminal it reads one message per line and prints plain
+replies, so it can be scripted: `echo "Hi" | llaisys-chat`.
+"""
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from prompt_toolkit import PromptSession, print_formatted_text
+from prompt_toolkit.auto_suggest import AutoSuggestFromHistory
+from prompt_toolkit.completion import Completer, Completion, PathCompleter
+from prompt_toolkit.document import Document
+from prompt_toolkit.formatted_text import HTML, FormattedText
+from prompt_toolkit.history import FileHistory
+from prompt_toolkit.key_binding import KeyBindings
+from prompt_toolkit.styles import Style, merge_styles, style_from_pygments_cls
+from pygments.styles import get_style_by_name
+
+from . import cluster
+from .commands import NAMES, PARAMETERS, Commands
+from .errors import LlaisysError
+from .render import StreamRenderer
+
+STYLE = merge_styles([style_from_pygments_cls(get_style_by_name("monokai")), Style.from_dict({
+    "bottom-toolbar": "noreverse bg:#303030 fg:#b0b0b0", "prompt": "bold fg:ansigreen", "info": "fg:ansicyan",
+    "error": "fg:ansired", "dim": "fg:ansibrightblack"})])
+
+
+def history_path() -> Path:
+    """Where typed messages are remembered across runs ($XDG_DATA_HOME/llaisys-chat/history)."""
+    data = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+    return data / "llaisys-chat" / "history"
+
+
+class CommandCompleter(Completer):
+    """Tab completion for slash commands, /set parameters, /think modes and /save, /load paths."""
+
+    def __init__(self):
+        self._paths = PathCompleter(expanduser=True)
+
+    def get_completions(self, document, complete_event):
+        text = document.text_before_cursor
+        if not text.startswith("/"):
+            return
+        words = text.split()
+        typing_first = len(words) <= 1 and not text.endswith(" ")
+        current = "" if text.endswith(" ") else words[-1]
+        if typing_first:
+            yield from (Completion(n, -len(current)) for n in NAMES if n.startswith(current.lower()))
+        elif words[0] == "/set" and len(words) - (not text.endswith(" ")) == 1:
+            yield from (Completion(p, -len(current)) for p in PARAMETERS if p.startswith(current))
+        elif words[0] == "/think" and len(words) - (not text.endswith(" ")) == 1:
+            yield from (Completion(m, -len(current)) for m in ("show", "hide") if m.startswith(current))
+        elif words[0] in ("/save", "/load"):
+            yield from self._paths.get_completions(Document(current), complete_event)
+
+
+def _key_bindings() -> KeyBindings:
+    bindings = KeyBindings()
+
+    @bindings.add("escape", "enter")  # Alt-Enter arrives as Esc + Enter
+    def _new_line(event):
+        event.current_buffer.insert_text("\n")
+
+    return bindings
+
+
+class Repl:
+    """The interactive loop: read a message or command, stream the reply, repeat."""
+
+    def __init__(self, client, session, *, input=None, output=None, history=None):
+        self.client, self.session = client, session
+        self.commands = Commands(session, client)
+        self.info = client.info()
+        self.last_speed: float | None = None
+        self.prompt = PromptSession(history=history or _file_history(), auto_suggest=AutoSuggestFromHistory(),
+                                    completer=CommandCompleter(), key_bindings=_key_bindings(),
+                                    bottom_toolbar=self._toolbar, style=STYLE, input=input, output=output)
+        self.output = self.prompt.app.output
+
+    def run(self) -> None:
+        """Chat until /quit or Ctrl-D."""
+        self._say(f"llaisys-chat · {self._model_name()} · {self.info['ranks']} ranks · "
+                  f"{self.info['max_context']} tokens of context\n/help for commands · Ctrl-C stops a reply · "
+                  f"Ctrl-D to quit", "class:info")
+        while True:
+            try:
+                text = self._read()
+            except KeyboardInterrupt:
+                self._say("(Ctrl-D or /quit leaves)", "class:dim")
+                continue
+            except EOFError:
+                return
+            if not text.strip():
+                continue
+            if text.lstrip().startswith("/"):
+                if self._command(text.strip()):
+                    return
+            else:
+                self._reply(lambda: self.session.send(text, stream=True))
+
+    def _read(self) -> str:
+        """One message: a line, a line with Alt-Enter breaks, or a block between \"\"\" lines."""
+        text = self.prompt.prompt([("class:prompt", ">>> ")])
+        if not text.lstrip().startswith('"""'):
+            return text
+        first = text.lstrip()[3:]
+        if first.rstrip().endswith('"""'):  # \"\"\"all on one line\"\"\"
+            return first.rstrip()[:-3]
+        lines = [first]
+        while True:
+            line = self.prompt.prompt([("class:prompt", "... ")])
+            if line.rstrip().endswith('"""'):
+                lines.append(line.rstrip()[:-3])
+                return "\n".join(lines).strip("\n")
+            lines.append(line)
+
+    def _command(self, line: str) -> bool:
+        """Run a slash command; True when it asks to quit."""
+        try:
+            result = self.commands.run(line)
+        except LlaisysError as e:
+            self._say(f"error: {e}", "class:error")
+            return False
+        if result.text:
+            self._say(result.text, "class:info")
+        if result.regenerate:
+            self._reply(self.session.regenerate, stream=True)
+        return result.quit
+
+    def _reply(self, start, **kwargs) -> None:
+        """Stream one reply; Ctrl-C stops it on every rank and keeps what was written."""
+        renderer = StreamRenderer(self._write, show_thinking=self.commands.show_thinking)
+        try:
+            stream = start(**kwargs)
+            for piece in stream:
+                renderer.feed(piece)
+            renderer.finish()
+            self._write(FormattedText([("", "\n")]))
+        except KeyboardInterrupt:
+            renderer.finish()
+            self._say("\n[stopped]", "class:dim")
+        except LlaisysError as e:
+            renderer.finish()
+            self._say(f"\nerror: {e}", "class:error")
+        reply = self.session.last_reply
+        if reply is not None:
+            self.last_speed = reply.stats.decode_tokens_per_s
+
+    def _toolbar(self):
+        speed = f" · {self.last_speed:.1f} tok/s" if self.last_speed else ""
+        return HTML(f" {self._model_name()} · {self.info['ranks']} ranks · "
+                    f"{self.commands.context_used()}/{self.info['max_context']} tokens{speed} · /help ")
+
+    def _model_name(self) -> str:
+        if self.info["model"] != "demo":
+            return self.info["model"]
+        return f"demo: {Path(self.info['folder']).name.rsplit('-', 2)[0]}"  # the folder name without key and dtype
+
+    def _write(self, formatted) -> None:
+        print_formatted_text(formatted, end="", style=STYLE, output=self.output)
+
+    def _say(self, text: str, style: str = "") -> None:
+        print_formatted_text(FormattedText([(style, text)]), style=STYLE, output=self.output)
+
+
+def run_plain(session, lines, out, err=sys.stderr) -> int:
+    """Standard input is not a terminal: one message (or /command) per line, plain replies."""
+    commands = Commands(session, session.client)
+    for line in lines:
+        text = line.rstrip("\n")
+        if not text.strip():
+            continue
+        try:
+            if text.lstrip().startswith("/"):
+                result = commands.run(text.strip())
+                if result.text:
+                    print(result.text, file=out, flush=True)
+                if result.quit:
+                    return 0
+                if not result.regenerate:
+                    continue
+                stream = session.regenerate(stream=True)
+            else:
+                stream = session.send(text, stream=True)
+            for piece in stream:
+                out.write(piece)
+                out.flush()
+            out.write("\n")
+        except LlaisysError as e:
+            print(f"llaisys-chat: error: {e}", file=err, flush=True)
+    return 0
+
+
+def _file_history():
+    path = history_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return FileHistory(str(path))
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line."""
+    p = argparse.ArgumentParser(prog="llaisys-chat", description="Chat with a model split over MPI ranks.",
+                                epilog="`llaisys-chat kernel install` installs the Jupyter chat kernel.")
+    p.add_argument("--model", default="demo", help="'demo' (default), a .gguf file or a Hugging Face folder")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--profile", help="ipyparallel profile of the cluster (default: 'default')")
+    where.add_argument("--cluster-id", help="ipyparallel cluster id")
+    p.add_argument("-n", type=int, help="engines to start when no cluster runs (default: one per core)")
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--max-tokens", type=int, help="longest reply, in tokens (default 512)")
+    p.add_argument("--seed", type=int)
+    return p
+
+
+def main(argv=None) -> int:
+    """Entry point of llaisys-chat."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["kernel"]:
+        from .kernel.install import main as kernel_main
+        return kernel_main(argv[1:])
+    args = parser().parse_args(argv)
+    sampling = {key: value for key, value in (("temperature", args.temperature), ("top_k", args.top_k),
+                                              ("top_p", args.top_p), ("max_new_tokens", args.max_tokens),
+                                              ("seed", args.seed)) if value is not None}
+    try:
+        client = cluster.connect(args.model, profile=args.profile, cluster_id=args.cluster_id, n=args.n)
+    except LlaisysError as e:
+        print(f"llaisys-chat: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("llaisys-chat: interrupted", file=sys.stderr)
+        return 130
+    try:
+        session = client.session(system=args.system, **sampling)
+        if sys.stdin.isatty() and sys.stdout.isatty():
+            Repl(client, session).run()
+            return 0
+        return run_plain(session, sys.stdin, sys.stdout)
+    except LlaisysError as e:
+        print(f"llaisys-chat: error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        client.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
