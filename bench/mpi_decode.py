@@ -1,7 +1,7 @@
 """Run under mpiexec: greedy replies to one prompt straight from the engines (no cluster, no client).
 
 argv: model prompt max_new_tokens repetitions [reduction]. Rank 0 prints one JSON line per reply
-with its stats, so that other benchmarks can compare against the bare engine.
+with its stats and every rank's memory, so that other benchmarks can compare against the bare engine.
 """
 import json
 import sys
@@ -17,5 +17,6 @@ engine = Engine(model, group=group, threads=1, reduction=reduction)
 for _ in range(repetitions):
     engine.drop_cache("default")  # a full prefill each time, as a fresh request would have
     reply = generate(prompt, engine=engine, max_new_tokens=max_new_tokens)
+    ranks = group.allgather(engine.info())
     if group.rank == 0:
-        print(json.dumps({**reply.stats.to_dict(), "new_ids": reply.new_ids, "info": engine.info()}), flush=True)
+        print(json.dumps({**reply.stats.to_dict(), "new_ids": reply.new_ids, "ranks": ranks}), flush=True)

@@ -7,8 +7,8 @@ replies, so it can be scripted: `echo "Hi" | llaisys-chat`.
 """
 import argparse
 import os
+import signal
 import sys
-import time
 from pathlib import Path
 
 from prompt_toolkit import PromptSession, print_formatted_text
@@ -239,6 +239,10 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("llaisys-chat: interrupted", file=sys.stderr)
         return 130
+    # A closed terminal (SIGHUP) or a kill (SIGTERM) still closes the client, which stops the
+    # cluster if this process started it.
+    for sig in (signal.SIGHUP, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: sys.exit(128 + signum))
     try:
         session = client.session(system=args.system, **sampling)
         if sys.stdin.isatty() and sys.stdout.isatty():

@@ -50,20 +50,22 @@ Tensor Tensor::empty(std::vector<int64_t> shape, DType dtype) {
     t.dtype = dtype;
     t.strides = contiguous_strides(shape);
     t.shape = std::move(shape);
-    // 64-byte alignment lets the kernels use aligned 512-bit loads on packed weights. Large buffers
-    // (weights, caches) are aligned to 2 MiB and asked to be backed by huge pages: decode streams
-    // every weight once per token, and 4 KiB pages would cost a TLB miss every 4 KiB.
-    constexpr size_t kHuge = size_t{2} << 20;
-    size_t align = t.nbytes() >= kHuge ? kHuge : 64;
+    // 64-byte alignment lets the kernels use aligned 512-bit loads on packed weights; buffers of
+    // 2 MiB or more start on a 2 MiB boundary so that they can be backed by huge pages.
+    size_t align = t.nbytes() >= kHugePage ? kHugePage : 64;
     size_t bytes = (t.nbytes() + align - 1) / align * align;
     void* p = std::aligned_alloc(align, bytes ? bytes : align);
     LLAISYS_CHECK(p != nullptr, "out of memory allocating " + std::to_string(bytes) + " bytes");
-#ifdef MADV_HUGEPAGE
-    if (align == kHuge) madvise(p, bytes, MADV_HUGEPAGE);
-#endif
     t.storage = std::shared_ptr<void>(p, std::free);
     t.base = static_cast<std::byte*>(p);
     return t;
+}
+
+void prefer_huge_pages(const Tensor& t) {
+#ifdef MADV_HUGEPAGE
+    if (t.nbytes() >= kHugePage && reinterpret_cast<uintptr_t>(t.base) % kHugePage == 0)
+        madvise(t.base, t.nbytes() / kHugePage * kHugePage, MADV_HUGEPAGE);
+#endif
 }
 
 Tensor Tensor::zeros(std::vector<int64_t> shape, DType dtype) {

@@ -49,6 +49,12 @@ struct Tensor {
     std::byte* row(int64_t i) const { return base + i * strides[0] * dtype_size(dtype); }
 };
 
+constexpr size_t kHugePage = size_t{2} << 20;
+// Ask for huge pages behind a buffer that is read whole and often (weights): decode streams every
+// weight once per token, and with 4 KiB pages that costs a TLB miss every 4 KiB. Caches stay on
+// small pages, so that only the positions in use take memory.
+void prefer_huge_pages(const Tensor& t);
+
 // Element conversions shared by every op: bf16/f16 are widened to f32 for arithmetic.
 float bf16_to_f32(uint16_t bits);
 uint16_t f32_to_bf16(float value);  // round to nearest even

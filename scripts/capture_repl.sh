@@ -14,6 +14,6 @@ tmux send-keys -t llaisys-capture "/stats" Enter; sleep 1
 tmux send-keys -t llaisys-capture "Now explain it in one sentence." Enter; sleep 6
 tmux capture-pane -t llaisys-capture -p > docs/repl-session.txt
 tmux send-keys -t llaisys-capture C-d
-sleep 1
+sleep 5
 tmux kill-session -t llaisys-capture 2>/dev/null || true
 echo "wrote docs/repl-session.txt"

