@@ -7,6 +7,9 @@ their result, and the front end streams it the way it streams any reply.
 import shlex
 from dataclasses import dataclass
 
+from prompt_toolkit.completion import Completer, Completion, PathCompleter
+from prompt_toolkit.document import Document
+
 from .errors import LlaisysError
 
 # /set names -> Session.sampling keys, with how to read the value.
@@ -164,3 +167,26 @@ _HANDLERS = {"/system": Commands._system, "/set": Commands._set, "/show": Comman
 def _shorten(text: str, width: int = 60) -> str:
     text = " ".join(text.split())
     return text if len(text) <= width else text[: width - 1] + "…"
+
+
+class CommandCompleter(Completer):
+    """Tab completion for slash commands, /set parameters, /think modes and /save, /load paths."""
+
+    def __init__(self):
+        self._paths = PathCompleter(expanduser=True)
+
+    def get_completions(self, document, complete_event):
+        text = document.text_before_cursor
+        if not text.startswith("/"):
+            return
+        words = text.split()
+        typing_first = len(words) <= 1 and not text.endswith(" ")
+        current = "" if text.endswith(" ") else words[-1]
+        if typing_first:
+            yield from (Completion(n, -len(current)) for n in NAMES if n.startswith(current.lower()))
+        elif words[0] == "/set" and len(words) - (not text.endswith(" ")) == 1:
+            yield from (Completion(p, -len(current)) for p in PARAMETERS if p.startswith(current))
+        elif words[0] == "/think" and len(words) - (not text.endswith(" ")) == 1:
+            yield from (Completion(m, -len(current)) for m in ("show", "hide") if m.startswith(current))
+        elif words[0] in ("/save", "/load"):
+            yield from self._paths.get_completions(Document(current), complete_event)

@@ -19,6 +19,7 @@ from IPython.display import Markdown, clear_output, display
 from . import cluster
 from .commands import Commands
 from .errors import LlaisysError
+from .messages import reply_markdown
 
 DEFAULT_SESSION = "default"
 
@@ -80,20 +81,6 @@ def expand(text: str, global_ns: dict, local_ns: dict) -> str:
             value = {"r": repr, "s": str, "a": ascii}[conversion](value)
         parts.append(format(value, spec))
     return "".join(parts)
-
-
-def reply_markdown(text: str) -> str:
-    """A reply as Markdown, its reasoning (<think>...</think>) folded away in a <details> block."""
-    opening, closing = text.find("<think>"), text.find("</think>")
-    if closing < 0:
-        if opening < 0:
-            return text
-        thinking, answer = text[opening + len("<think>"):], ""  # stopped while still thinking
-    else:
-        start = opening + len("<think>") if 0 <= opening < closing else 0
-        thinking, answer = text[start:closing], text[closing + len("</think>"):]
-    folded = f"<details><summary>Reasoning</summary>\n\n{thinking.strip()}\n\n</details>\n\n"
-    return folded + answer.lstrip()
 
 
 class NotebookChat:

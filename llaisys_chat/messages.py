@@ -53,3 +53,17 @@ _THINK_BLOCK = re.compile(r"<think>.*?</think>", re.DOTALL)
 def partial_suffix(text: str, tag: str) -> int:
     """Length of the longest end of text that could be the start of tag (a tag cut between pieces)."""
     return next((n for n in range(min(len(tag) - 1, len(text)), 0, -1) if tag.startswith(text[-n:])), 0)
+
+
+def reply_markdown(text: str) -> str:
+    """A reply as Markdown, its reasoning (<think>...</think>) folded away in a <details> block."""
+    opening, closing = text.find("<think>"), text.find("</think>")
+    if closing < 0:
+        if opening < 0:
+            return text
+        thinking, answer = text[opening + len("<think>"):], ""  # stopped while still thinking
+    else:
+        start = opening + len("<think>") if 0 <= opening < closing else 0
+        thinking, answer = text[start:closing], text[closing + len("</think>"):]
+    folded = f"<details><summary>Reasoning</summary>\n\n{thinking.strip()}\n\n</details>\n\n"
+    return folded + answer.lstrip()

@@ -13,8 +13,6 @@ from pathlib import Path
 
 from prompt_toolkit import PromptSession, print_formatted_text
 from prompt_toolkit.auto_suggest import AutoSuggestFromHistory
-from prompt_toolkit.completion import Completer, Completion, PathCompleter
-from prompt_toolkit.document import Document
 from prompt_toolkit.formatted_text import HTML, FormattedText
 from prompt_toolkit.history import FileHistory
 from prompt_toolkit.key_binding import KeyBindings
@@ -22,7 +20,7 @@ from prompt_toolkit.styles import Style, merge_styles, style_from_pygments_cls
 from pygments.styles import get_style_by_name
 
 from . import cluster
-from .commands import NAMES, PARAMETERS, Commands
+from .commands import CommandCompleter, Commands
 from .errors import LlaisysError
 from .render import StreamRenderer
 
@@ -35,29 +33,6 @@ def history_path() -> Path:
     """Where typed messages are remembered across runs ($XDG_DATA_HOME/llaisys-chat/history)."""
     data = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
     return data / "llaisys-chat" / "history"
-
-
-class CommandCompleter(Completer):
-    """Tab completion for slash commands, /set parameters, /think modes and /save, /load paths."""
-
-    def __init__(self):
-        self._paths = PathCompleter(expanduser=True)
-
-    def get_completions(self, document, complete_event):
-        text = document.text_before_cursor
-        if not text.startswith("/"):
-            return
-        words = text.split()
-        typing_first = len(words) <= 1 and not text.endswith(" ")
-        current = "" if text.endswith(" ") else words[-1]
-        if typing_first:
-            yield from (Completion(n, -len(current)) for n in NAMES if n.startswith(current.lower()))
-        elif words[0] == "/set" and len(words) - (not text.endswith(" ")) == 1:
-            yield from (Completion(p, -len(current)) for p in PARAMETERS if p.startswith(current))
-        elif words[0] == "/think" and len(words) - (not text.endswith(" ")) == 1:
-            yield from (Completion(m, -len(current)) for m in ("show", "hide") if m.startswith(current))
-        elif words[0] in ("/save", "/load"):
-            yield from self._paths.get_completions(Document(current), complete_event)
 
 
 def _key_bindings() -> KeyBindings:

@@ -7,7 +7,8 @@ from IPython.core.error import UsageError
 from IPython.testing.globalipapp import start_ipython
 from IPython.utils.capture import capture_output
 
-from llaisys_chat.magic import expand, reply_markdown
+from llaisys_chat.magic import expand
+from llaisys_chat.messages import reply_markdown
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,9 @@ from prompt_toolkit.input import create_pipe_input
 from prompt_toolkit.output.plain_text import PlainTextOutput
 
 from llaisys_chat import cluster
-from llaisys_chat.commands import Commands
+from llaisys_chat.commands import CommandCompleter, Commands
 from llaisys_chat.errors import LlaisysError
-from llaisys_chat.repl import CommandCompleter, Repl
+from llaisys_chat.repl import Repl
 from prompt_toolkit.document import Document
 
 CHAT = Path(sys.executable).parent / "llaisys-chat"
