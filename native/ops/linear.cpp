@@ -22,14 +22,24 @@ typedef float f32x16 __attribute__((vector_size(64)));
 typedef uint32_t u32x16 __attribute__((vector_size(64)));
 
 // Tile shapes, sized so that accumulators and operands fit the vector register file.
+#ifndef LLAISYS_DECODE_PANELS
 #if defined(__AVX512F__)
-constexpr int64_t kTileTokens = 8, kTilePanelsPrefill = 2, kTilePanelsDecode = 4;
+#define LLAISYS_DECODE_PANELS 4
 #else
-constexpr int64_t kTileTokens = 4, kTilePanelsPrefill = 1, kTilePanelsDecode = 2;
+#define LLAISYS_DECODE_PANELS 2
 #endif
-constexpr int kMaxTokens = 8, kMaxPanels = 4;
+#endif
+#if defined(__AVX512F__)
+constexpr int64_t kTileTokens = 8, kTilePanelsPrefill = 2, kTilePanelsDecode = LLAISYS_DECODE_PANELS;
+#else
+constexpr int64_t kTileTokens = 4, kTilePanelsPrefill = 1, kTilePanelsDecode = LLAISYS_DECODE_PANELS;
+#endif
+constexpr int kMaxTokens = 8, kMaxPanels = kTilePanelsDecode > 4 ? kTilePanelsDecode : 4;
 // Software prefetch distance along each panel, in k-pairs (one 64-byte line per k-pair).
-constexpr int64_t kPrefetchPairs = 32;
+#ifndef LLAISYS_PREFETCH_PAIRS
+#define LLAISYS_PREFETCH_PAIRS 32
+#endif
+constexpr int64_t kPrefetchPairs = LLAISYS_PREFETCH_PAIRS;
 
 // tile[m][p*16 + lane] = sum over k-pairs [kp0, kp1) of x[m] . W[panel p, lane]; bf16 operands.
 template <int MT, int NP>
