@@ -32,6 +32,12 @@ def validate_messages(messages) -> list[dict]:
     return result
 
 
+def opens_reasoning(prompt: str) -> bool:
+    """Whether a rendered prompt leaves a <think> block open (some reasoning templates end with
+    "<think>\n"), so that the reply starts inside it and holds only the closing tag."""
+    return prompt.rfind("<think>") > prompt.rfind("</think>")
+
+
 def visible_reply(text: str) -> str:
     """A reply without its reasoning (<think>...</think>), as it should be fed back to the model.
 

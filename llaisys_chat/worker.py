@@ -19,6 +19,7 @@ import time
 from .comm import MPIGroup
 from .engine import Engine
 from .errors import LlaisysError
+from .messages import opens_reasoning
 from .sampling import SamplingParams
 
 _state = {"engine": None, "spec": None, "stop": False, "sockets": {}}
@@ -67,20 +68,24 @@ def generate(request: dict) -> dict | None:
     _state["stop"] = False
     previous = {sig: signal.signal(sig, _request_stop) for sig in (signal.SIGINT, signal.SIGUSR1)}
     try:
-        prompt_ids = engine.chat.encode_chat(request["messages"])
+        prompt = engine.chat.render(request["messages"])
+        prompt_ids = engine.chat.encode(prompt)
         params = SamplingParams(**request["sampling"])
         run = engine.generate(prompt_ids, params, max_new_tokens=request["max_new_tokens"], stop=tuple(request["stop"]),
                               cache_key=request["session"], should_stop=_should_stop(control, request["id"]))
-        for token, piece in run:
-            if rank0 and piece:
-                sender.send(json.dumps({"id": request["id"], "text": piece, "time": time.time()}).encode())
+        # A prompt that opened the reasoning block: the client sees the tag, as if the model wrote it.
+        opened = lead = "<think>" if opens_reasoning(prompt) else ""
+        for _, piece in run:
+            if rank0 and (piece or lead):
+                sender.send(json.dumps({"id": request["id"], "text": lead + piece, "time": time.time()}).encode())
+                lead = ""
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if not rank0:
         return None
-    result = {"id": request["id"], "text": run.text, "prompt_ids": prompt_ids, "new_ids": run.tokens,
-              "stats": run.stats.to_dict(), "context_tokens": len(prompt_ids) + len(run.tokens)}
+    result = {"id": request["id"], "text": opened + run.text, "prompt_ids": prompt_ids, "new_ids": run.tokens,
+              "stats": run.stats.to_dict()}
     sender.send(json.dumps({"id": request["id"], "done": True}).encode())
     return result
 

@@ -168,24 +168,19 @@ PYBIND11_MODULE(_native, m) {
         .def(py::init([](py::dict config, py::dict shard, py::dict weights, const std::string& compute, int threads,
                          const std::string& reduction, int64_t ffn_block, std::optional<py::dict> mpi) {
                  Qwen2Config c;
-                 c.vocab_size = field<int64_t>(config, "vocab_size");
-                 c.hidden_size = field<int64_t>(config, "hidden_size");
-                 c.n_layer = field<int64_t>(config, "n_layer");
-                 c.n_head = field<int64_t>(config, "n_head");
-                 c.n_head_kv = field<int64_t>(config, "n_head_kv");
-                 c.head_dim = field<int64_t>(config, "head_dim");
-                 c.ffn_size = field<int64_t>(config, "ffn_size");
+                 for (auto [name, member] : {std::pair{"vocab_size", &Qwen2Config::vocab_size},
+                                             {"hidden_size", &Qwen2Config::hidden_size}, {"n_layer", &Qwen2Config::n_layer},
+                                             {"n_head", &Qwen2Config::n_head}, {"n_head_kv", &Qwen2Config::n_head_kv},
+                                             {"head_dim", &Qwen2Config::head_dim}, {"ffn_size", &Qwen2Config::ffn_size}})
+                     c.*member = field<int64_t>(config, name);
                  c.rope_theta = field<float>(config, "rope_theta");
                  c.rms_eps = field<float>(config, "rms_eps");
                  Shard s;
-                 s.head_begin = field<int64_t>(shard, "head_begin");
-                 s.head_end = field<int64_t>(shard, "head_end");
-                 s.kv_begin = field<int64_t>(shard, "kv_begin");
-                 s.kv_end = field<int64_t>(shard, "kv_end");
-                 s.ffn_begin = field<int64_t>(shard, "ffn_begin");
-                 s.ffn_end = field<int64_t>(shard, "ffn_end");
-                 s.vocab_begin = field<int64_t>(shard, "vocab_begin");
-                 s.vocab_end = field<int64_t>(shard, "vocab_end");
+                 for (auto [name, member] : {std::pair{"head_begin", &Shard::head_begin}, {"head_end", &Shard::head_end},
+                                             {"kv_begin", &Shard::kv_begin}, {"kv_end", &Shard::kv_end},
+                                             {"ffn_begin", &Shard::ffn_begin}, {"ffn_end", &Shard::ffn_end},
+                                             {"vocab_begin", &Shard::vocab_begin}, {"vocab_end", &Shard::vocab_end}})
+                     s.*member = field<int64_t>(shard, name);
                  Qwen2Options o;
                  o.compute = parse_dtype(compute);
                  o.threads = threads;
@@ -197,11 +192,9 @@ PYBIND11_MODULE(_native, m) {
                  AllReduce hook;
                  if (mpi) {
                      MpiHandles h;
-                     h.allreduce = field<intptr_t>(*mpi, "allreduce");
-                     h.comm = field<intptr_t>(*mpi, "comm");
-                     h.f32 = field<intptr_t>(*mpi, "f32");
-                     h.i64 = field<intptr_t>(*mpi, "i64");
-                     h.sum = field<intptr_t>(*mpi, "sum");
+                     for (auto [name, member] : {std::pair{"allreduce", &MpiHandles::allreduce}, {"comm", &MpiHandles::comm},
+                                                 {"f32", &MpiHandles::f32}, {"i64", &MpiHandles::i64}, {"sum", &MpiHandles::sum}})
+                         h.*member = field<intptr_t>(*mpi, name);
                      hook = mpi_all_reduce(h);
                  }
                  py::gil_scoped_release nogil;

@@ -1,8 +1,8 @@
 """Shared fixtures: tiny random checkpoints on disk, and the demo model (downloaded once per machine)."""
 import contextlib
 import os
-import time
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -35,6 +35,16 @@ def running_cluster(tmp_path_factory):
     """One real two-engine MPI cluster (ipcluster) for the whole session; yields its profile folder."""
     with ipcluster(tmp_path_factory.mktemp("ipython"), n=2) as profile:
         yield profile
+
+
+@pytest.fixture(scope="module")
+def demo_client(running_cluster):
+    """A client of the session's cluster holding the demo model (one per test module)."""
+    from llaisys_chat import cluster
+
+    client = cluster.connect("demo", quiet=True)
+    yield client
+    client.close()
 
 
 @pytest.fixture(scope="session")
@@ -85,3 +95,22 @@ def ipcluster(ipython_dir: Path, n: int = 2, engines: str = "MPI"):
             os.environ.pop("IPYTHONDIR", None)
         else:
             os.environ["IPYTHONDIR"] = previous
+
+
+def iopub_until_idle(kernel_client, msg_id: str, deadline: float = 60) -> list[tuple[str, dict]]:
+    """(msg_type, content) of every IOPub message a request caused, until its kernel went idle."""
+    import queue
+
+    messages = []
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        try:
+            msg = kernel_client.get_iopub_msg(timeout=5)
+        except queue.Empty:
+            continue
+        if msg["parent_header"].get("msg_id") != msg_id:
+            continue
+        if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+            break
+        messages.append((msg["msg_type"], msg["content"]))
+    return messages

@@ -5,8 +5,8 @@ import threading
 import time
 
 import pytest
-
 from conftest import ipcluster
+
 from llaisys_chat import cluster
 from llaisys_chat.engine import Engine
 from llaisys_chat.errors import LlaisysError
@@ -17,11 +17,8 @@ LONG = "Write a very long, detailed essay about the history of parallel computin
 
 
 @pytest.fixture(scope="module")
-def chat(running_cluster):
-    """A client of the session's two-engine MPI cluster, holding the demo model."""
-    client = cluster.connect("demo", quiet=True)
-    yield client
-    client.close()
+def chat(demo_client):
+    return demo_client
 
 
 def test_engines_are_the_ranks_and_hold_half_the_model(chat, demo_folder):

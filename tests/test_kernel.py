@@ -1,6 +1,5 @@
 """The LLAISYS chat kernel, installed as a kernel spec and driven by jupyter_client on a real cluster."""
 import os
-import queue
 import subprocess
 import sys
 import time
@@ -8,6 +7,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from conftest import iopub_until_idle
 from jupyter_client.manager import KernelManager
 from nbclient import NotebookClient
 
@@ -48,23 +48,7 @@ def execute(client, code: str, timeout: float = 300):
     """(reply content, list of (msg_type, content) published for it until idle)."""
     msg_id = client.execute(code)
     reply = client.get_shell_msg(timeout=timeout)
-    return reply["content"], published(client, msg_id)
-
-
-def published(client, msg_id, deadline=60):
-    messages = []
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        try:
-            msg = client.get_iopub_msg(timeout=5)
-        except queue.Empty:
-            continue
-        if msg["parent_header"].get("msg_id") != msg_id:
-            continue
-        if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
-            break
-        messages.append((msg["msg_type"], msg["content"]))
-    return messages
+    return reply["content"], iopub_until_idle(client, msg_id)
 
 
 def result_text(messages) -> str:
@@ -120,7 +104,7 @@ def test_interrupt_keeps_the_partial_reply_and_the_next_turn_works(kernel):
     manager.interrupt_kernel()
     reply = client.get_shell_msg(timeout=60)["content"]
     assert reply["status"] == "ok"
-    messages = published(client, msg_id)
+    messages = iopub_until_idle(client, msg_id)
     markdown = "".join(c["data"]["text/markdown"] for k, c in messages if k == "execute_result")
     assert "[stopped]" in markdown
     execute(client, "/set max_tokens 40")

@@ -1,8 +1,6 @@
 """%%llaisys and %llaisys: through an IPython shell, and in a real Jupyter kernel (interrupt included)."""
-import queue
-import time
-
 import pytest
+from conftest import iopub_until_idle
 from IPython.core.error import UsageError
 from IPython.testing.globalipapp import start_ipython
 from IPython.utils.capture import capture_output
@@ -130,22 +128,12 @@ def run(kernel, code: str, timeout: float) -> str:
 
 
 def collect(kernel, msg_id: str) -> str:
-    """Everything the cell printed or displayed, until the kernel goes idle."""
+    """Everything the cell printed or displayed (Markdown marked as such), until the kernel went idle."""
     out = []
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            msg = kernel.get_iopub_msg(timeout=5)
-        except queue.Empty:
-            continue
-        if msg["parent_header"].get("msg_id") != msg_id:
-            continue
-        kind, content = msg["msg_type"], msg["content"]
+    for kind, content in iopub_until_idle(kernel, msg_id):
         if kind == "stream":
             out.append(content["text"])
         elif kind in ("display_data", "execute_result"):
-            out.append("text/markdown " if "text/markdown" in content["data"] else "")
-            out.append(content["data"].get("text/markdown") or content["data"].get("text/plain", ""))
-        elif kind == "status" and content["execution_state"] == "idle":
-            break
+            data = content["data"]
+            out.append(("text/markdown " if "text/markdown" in data else "") + (data.get("text/markdown") or data.get("text/plain", "")))
     return "".join(out)

@@ -3,12 +3,12 @@ import json
 
 import numpy as np
 import pytest
+from reference import qwen2_logits
+from tiny import load_weights_f64
 
 from llaisys_chat.engine import Engine
 from llaisys_chat.errors import LlaisysError
 from llaisys_chat.sampling import SamplingParams
-from reference import qwen2_logits
-from tiny import load_weights_f64
 
 SHAPES = [
     dict(layers=2, hidden=32, heads=4, kv_heads=2, ffn=64),                 # GQA, untied

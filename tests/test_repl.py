@@ -8,25 +8,21 @@ from pathlib import Path
 
 import pexpect
 import pytest
+from prompt_toolkit.document import Document
 from prompt_toolkit.history import InMemoryHistory
 from prompt_toolkit.input import create_pipe_input
 from prompt_toolkit.output.plain_text import PlainTextOutput
 
-from llaisys_chat import cluster
 from llaisys_chat.commands import CommandCompleter, Commands
-from llaisys_chat.errors import LlaisysError
 from llaisys_chat.repl import Repl
-from prompt_toolkit.document import Document
 
 CHAT = Path(sys.executable).parent / "llaisys-chat"
 ESC_ENTER = "\x1b\r"
 
 
 @pytest.fixture(scope="module")
-def client(running_cluster):
-    c = cluster.connect("demo", quiet=True)
-    yield c
-    c.close()
+def client(demo_client):
+    return demo_client
 
 
 def run_repl(client, keys: str, **session_options):
@@ -162,3 +158,18 @@ def test_real_terminal_session(running_cluster):
     finally:
         child.close(force=True)
     assert child.exitstatus == 0
+
+
+def test_replies_of_templates_that_open_reasoning_render_as_reasoning():
+    from llaisys_chat.messages import opens_reasoning
+    from llaisys_chat.render import StreamRenderer
+
+    assert opens_reasoning("<|im_start|>assistant\n<think>\n") and not opens_reasoning("<think>a</think>\nok")
+    fragments = []
+    renderer = StreamRenderer(lambda formatted: fragments.extend(formatted))
+    for piece in ["<think>", "Weighing ", "options.</th", "ink>\n\nAnswer."]:
+        renderer.feed(piece)
+    renderer.finish()
+    dim = "".join(text for style, text, *_ in fragments if "italic" in style)
+    plain = "".join(text for style, text, *_ in fragments if "italic" not in style)
+    assert dim == "Weighing options.\n" and plain == "Answer."

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import mpiexec
+
 from llaisys_chat.checkpoint import Checkpoint
 from llaisys_chat.config import ModelConfig
 from llaisys_chat.engine import Engine

@@ -38,4 +38,21 @@ inline void store_row(const Tensor& t, int64_t r, const float* values) {
     from_f32(row_ptr(t, r), t.dtype, values, t.size(-1));
 }
 
+// out[r][i] = f(a[r][i], b[r][i]) over rows of equal length, in f32: the elementwise binary ops.
+template <class F>
+void elementwise(Tensor& out, const Tensor& a, const Tensor& b, const char* name, F f) {
+    int64_t dim = out.size(-1);
+    check_rows(out, dim, name);
+    check_rows(a, dim, name);
+    check_rows(b, dim, name);
+    LLAISYS_CHECK(n_rows(a) == n_rows(out) && n_rows(b) == n_rows(out), std::string(name) + ": row counts differ");
+    std::vector<float> as, bs, y(dim);
+    for (int64_t r = 0; r < n_rows(out); ++r) {
+        const float* ar = row_f32(a, r, as);
+        const float* br = row_f32(b, r, bs);
+        for (int64_t i = 0; i < dim; ++i) y[i] = f(ar[i], br[i]);
+        store_row(out, r, y.data());
+    }
+}
+
 }  // namespace llaisys::ops
