@@ -64,7 +64,7 @@ def main():
             via_cluster.append(stream.reply.stats.decode_tokens_per_s)
             ttft.append(stream.first_piece_seconds)
             delays += stream.delays
-            inside.append(client._view().apply_sync(in_engines, PROMPT, args.tokens)[0])
+            inside.append(client.run_on_ranks(in_engines, PROMPT, args.tokens, timeout=600)[0])
             bare.append(bare_mpiexec(args.ranks, args.tokens, 2)[-1]["decode_tokens_per_s"])  # the first warms up
     finally:
         client.close()

@@ -10,19 +10,18 @@ tensor-parallel model.
     chat.send("What is MPI?")
 
 Every call runs the functions of `worker.py` on all engines at once. Tokens do not travel through
-ipyparallel: rank 0 pushes text pieces to a zmq socket this client binds, and a stop request goes
-back on a second socket, so streaming costs microseconds per token.
+ipyparallel: rank 0 connects to a socket this client listens on (stream_link.py), sends text pieces
+over it and reads stop requests from it, so streaming costs microseconds per token.
 """
-import json
 import os
+import signal
 import socket
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
 
-from . import worker
+from . import stream_link, worker
 from .errors import LlaisysError
 from .messages import build_messages, validate_messages
 from .model_files import resolve_model
@@ -86,7 +85,8 @@ class ClusterClient:
         self.timeout, self.token_timeout, self._say = timeout, token_timeout, say
         self.spec: dict | None = None
         self.last_reply: Reply | None = None
-        self._streams = None
+        self._listener = None  # where rank 0 connects to stream (made on the first reply)
+        self._link = None      # rank 0's connection, kept between replies
         self._ranks = self._discover_ranks()
 
     # -- setup ---------------------------------------------------------------------------------
@@ -122,12 +122,9 @@ class ClusterClient:
         """Number of MPI ranks (engines) sharing the model."""
         return len(self._ranks)
 
-    def _view(self):
-        return self._client[[r["engine"] for r in self._ranks]]
-
     def load(self, model: str | None = "demo", **engine_options) -> dict:
         """Load `model` on every rank unless the engines already hold it with these options."""
-        held = self._call(worker.loaded_spec, timeout=self.timeout)[0]
+        held = self.run_on_ranks(worker.loaded_spec, timeout=self.timeout)[0]
         if model is None:
             if held is not None and not engine_options:
                 self.spec = held
@@ -139,7 +136,7 @@ class ClusterClient:
                 # Download/convert here, where progress shows; the engines then find the files ready.
                 resolve_model(model, dtype="f32" if engine_options.get("compute") == "f32" else "bf16")
             self._say(f"loading {model} on {self.n_ranks} ranks...")
-        results = self._call(worker.load, spec, timeout=LOAD_TIMEOUT)
+        results = self.run_on_ranks(worker.load, spec, timeout=LOAD_TIMEOUT)
         self.spec = spec
         if results[0]["loaded_now"]:
             self._say(f"{model} loaded ({results[0]['max_context']} tokens of context)")
@@ -178,11 +175,11 @@ class ClusterClient:
 
     def drop_session(self, key: str) -> None:
         """Free a conversation's cache on the engines."""
-        self._call(worker.drop_session, key, timeout=self.timeout)
+        self.run_on_ranks(worker.drop_session, key, timeout=self.timeout)
 
     def info(self) -> dict:
         """Model, ranks, context size and per-rank memory."""
-        per_rank = self._call(worker.info, timeout=self.timeout)
+        per_rank = self.run_on_ranks(worker.info, timeout=self.timeout)
         first = per_rank[0]
         return {"model": self.spec["model"] if self.spec else first["model"], "folder": first["model"],
                 "ranks": self.n_ranks, "max_context": first["max_context"], "compute": first["compute"],
@@ -194,27 +191,41 @@ class ClusterClient:
     # -- lifecycle -----------------------------------------------------------------------------
 
     def restart(self) -> None:
-        """Restart the engines (e.g. after one died) and load the model again."""
+        """Restart the engines (e.g. after one died or failed) and load the model again."""
         if self._cluster is None:
             raise LlaisysError("restart needs a cluster started by ipcluster or by llaisys (not a bare connection file)")
         self._say("restarting the engines...")
-        n = self._cluster_size() or self.n_ranks
+        old_pids = {r["pid"] for r in self._ranks}
         try:
             self._cluster.restart_engines_sync()
-            self._client.wait_for_engines(n, timeout=self.timeout, interactive=False)
         except Exception as e:
             raise LlaisysError(f"could not restart the engines ({e})") from None
-        self._ranks = self._discover_ranks()
+        # The controller notices the old engines' end by heartbeat: until then they still look registered.
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                ranks = self._discover_ranks()
+                if not {r["pid"] for r in ranks} & old_pids:
+                    break
+            except LlaisysError:
+                pass
+            if time.monotonic() > deadline:
+                raise LlaisysError(f"the restarted engines did not register within {self.timeout:.0f} s")
+            time.sleep(0.5)
+        self._ranks = ranks
+        if self._link is not None:  # the new rank 0 connects anew
+            self._link.close()
+            self._link = None
         spec, self.spec = self.spec, None
         if spec is not None:
             self.load(**spec)
 
     def close(self) -> None:
         """Disconnect; stop the cluster too if this client started it."""
-        if self._streams is not None:
-            for s in self._streams.values():
-                s.close(linger=0)
-            self._streams = None
+        for end in (self._link, self._listener):
+            if end is not None:
+                end.close()
+        self._link = self._listener = None
         self._client.close()
         if self._owned and self._cluster is not None:
             self._cluster.stop_cluster_sync()
@@ -228,19 +239,17 @@ class ClusterClient:
 
     # -- plumbing ------------------------------------------------------------------------------
 
-    def _call(self, fn, *args, timeout: float) -> list:
-        """fn(*args) on every rank at once; results in rank order; errors become one-line LlaisysErrors."""
-        result = self._view().apply_async(fn, *args)
-        deadline = time.monotonic() + timeout
-        while not result.ready():
-            self._check_engines_alive()
+    def run_on_ranks(self, fn, *args, timeout: float | None = None) -> list:
+        """fn(*args) on every rank at once (a collective, if fn is one); results in rank order.
+        Errors become one-line LlaisysErrors; used for diagnostics and benchmarks too."""
+        call = RankCall(self, fn, *args)
+        deadline = time.monotonic() + (timeout or self.timeout)
+        while not call.ready():
+            self._raise_if_failed(call)
             if time.monotonic() > deadline:
-                raise LlaisysError(f"the engines did not answer within {timeout:.0f} s")
-            result.wait(POLL_SECONDS)
-        try:
-            return result.get()
-        except Exception as e:
-            raise _user_error(e) from None
+                raise LlaisysError(f"the engines did not answer within {timeout or self.timeout:.0f} s")
+            call.wait(POLL_SECONDS)
+        return call.get(0)
 
     def _check_engines_alive(self) -> None:
         """Raise if an engine process on this machine has died (remote ones are watched by heartbeats)."""
@@ -250,24 +259,79 @@ class ClusterClient:
                 raise LlaisysError(f"engine rank {r['rank']} (pid {r['pid']}) died; call restart() to start the "
                                    f"engines again and reload the model")
 
-    def _stream_sockets(self) -> dict:
-        """The zmq sockets rank 0 streams to and takes stops from, bound once per client."""
-        if self._streams is None:
-            import zmq
+    def _stream_address(self) -> str:
+        """Where rank 0 should connect to stream to this client (listening from the first call on)."""
+        if self._listener is None:
+            local = all(r["host"] == socket.gethostname() for r in self._ranks)
+            host = None if local else os.environ.get("LLAISYS_CLIENT_IP") or socket.gethostbyname(socket.gethostname())
+            self._listener = stream_link.Listener(local, host)
+        return self._listener.address
 
-            context = zmq.Context.instance()
-            tokens, control = context.socket(zmq.PULL), context.socket(zmq.PUSH)
-            if all(r["host"] == socket.gethostname() for r in self._ranks):
-                # Unix sockets: the cheapest transport when rank 0 runs on this machine.
-                base = Path(tempfile.gettempdir()) / f"llaisys-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-                self._addresses = (f"ipc://{base}-tokens", f"ipc://{base}-control")
-                tokens.bind(self._addresses[0])
-                control.bind(self._addresses[1])
-            else:
-                host = os.environ.get("LLAISYS_CLIENT_IP") or socket.gethostbyname(socket.gethostname())
-                self._addresses = tuple(f"tcp://{host}:{s.bind_to_random_port('tcp://0.0.0.0')}" for s in (tokens, control))
-            self._streams = {"tokens": tokens, "control": control}
-        return self._streams
+    def _wait_for_link(self, result, deadline: float):
+        """Rank 0's connection: the one kept from earlier replies, or the one it makes for this reply."""
+        while self._link is None:
+            self._link = self._listener.accept(POLL_SECONDS)
+            if self._link is None:
+                self._raise_if_failed(result)
+                if time.monotonic() > deadline:
+                    raise LlaisysError(f"rank 0 did not connect within {self.token_timeout:.0f} s")
+        return self._link
+
+    def _request_stop(self, request_id: str) -> None:
+        """Tell rank 0 to stop a reply: over its connection, or by signal if it has not connected yet."""
+        if self._link is None and self._listener is not None:
+            self._link = self._listener.accept(POLL_SECONDS)
+        try:
+            if self._link is not None:
+                self._link.send({"stop": request_id})
+                return
+        except OSError:
+            self._link = None
+        self._client.send_signal(signal.SIGUSR1, targets=[self._ranks[0]["engine"]], block=False)
+
+    def _raise_if_failed(self, call: "RankCall") -> None:
+        """Raise if a rank's part of the call failed, or an engine died: the other ranks may then be
+        waiting in a collective for it, so this cannot wait for the whole call to end."""
+        call.raise_if_failed()
+        self._check_engines_alive()
+
+
+class RankCall:
+    """One function running on every rank at once, with a result per rank (so that one rank's
+    failure shows at once, while the others may still be waiting for it)."""
+
+    def __init__(self, client: ClusterClient, fn, *args):
+        self._ranks = client._ranks
+        self._results = [client._client[r["engine"]].apply_async(fn, *args) for r in self._ranks]
+
+    def ready(self) -> bool:
+        """Whether every rank has finished."""
+        return all(r.ready() for r in self._results)
+
+    def wait(self, seconds: float) -> None:
+        """Wait up to seconds for the slowest rank."""
+        self._results[-1].wait(seconds)
+
+    def raise_if_failed(self) -> None:
+        """Raise the first failure among the ranks that have finished."""
+        for rank, result in zip(self._ranks, self._results):
+            if result.ready():
+                try:
+                    result.get(timeout=0)
+                except Exception as e:
+                    error = _user_error(e)
+                    message = str(error) if str(error).startswith("rank ") else f"rank {rank['rank']}: {error}"
+                    raise LlaisysError(message) from None
+
+    def get(self, timeout: float) -> list:
+        """Every rank's result, waiting up to timeout seconds; a failure raises as a LlaisysError."""
+        deadline = time.monotonic() + timeout
+        for result in self._results:
+            result.wait(max(0.0, deadline - time.monotonic()))
+        self.raise_if_failed()
+        if not self.ready():
+            raise LlaisysError(f"the engines did not finish within {timeout:.0f} s")
+        return [r.get(timeout=0) for r in self._results]
 
 
 class ReplyStream:
@@ -289,57 +353,53 @@ class ReplyStream:
             raise LlaisysError("a reply stream can be iterated only once")
         self._started = True
         client = self._client
-        sockets = client._stream_sockets()
-        self._request["stream_to"], self._request["control_from"] = client._addresses
+        self._request["stream_to"] = client._stream_address()
         start = time.monotonic()
-        self._result = client._view().apply_async(worker.generate, self._request)
+        self._result = RankCall(client, worker.generate, self._request)
         try:
-            yield from self._receive(sockets["tokens"], start)
+            yield from self._receive(start)
         except (KeyboardInterrupt, GeneratorExit):
             self.stop()
-            self._finish(start, interrupted=True)
+            self._finish(interrupted=True)
             raise
-        self._finish(start, interrupted=False)
+        self._finish(interrupted=False)
 
     def stop(self) -> None:
         """Ask the engines to stop this reply (they stop together at their next step)."""
-        if self._client._streams is not None:
-            self._client._streams["control"].send(self._request["id"].encode())
+        self._client._request_stop(self._request["id"])
 
-    def _receive(self, tokens, start):
+    def _receive(self, start):
         """Yield pieces until rank 0 says done; meanwhile watch for failed or dead engines."""
+        client = self._client
+        link = client._wait_for_link(self._result, start + client.token_timeout)
         last_progress = time.monotonic()
         while True:
-            if tokens.poll(int(POLL_SECONDS * 1000)):
-                message = json.loads(tokens.recv())
+            messages = link.receive(POLL_SECONDS)
+            if messages is None:  # a connection from an earlier rank 0: this one connects anew, or has failed
+                client._link = None
+                link = client._wait_for_link(self._result, time.monotonic() + client.token_timeout)
+                continue
+            for message in messages:
                 if message["id"] != self._request["id"]:
                     continue  # left over from an earlier, abandoned reply
                 if message.get("done"):
                     return
-                now = time.time()
                 if self.first_piece_seconds is None:
                     self.first_piece_seconds = time.monotonic() - start
-                self.delays.append(now - message["time"])
+                self.delays.append(time.time() - message["time"])
                 self.text += message["text"]
                 last_progress = time.monotonic()
                 yield message["text"]
-            elif self._result.ready():
-                try:
-                    self._result.get(timeout=0)
-                except Exception as e:  # the engines failed: their error, in one line
-                    raise _user_error(e) from None
-                if not self._client._streams["tokens"].poll(int(STOP_TIMEOUT * 1000)):
-                    return  # finished but the done message is lost: results still come from ipyparallel
-            else:
-                self._client._check_engines_alive()
-                if time.monotonic() - last_progress > self._client.token_timeout:
-                    raise LlaisysError(f"no progress from the engines for {self._client.token_timeout:.0f} s; "
+            if not messages:
+                client._raise_if_failed(self._result)
+                if time.monotonic() - last_progress > client.token_timeout:
+                    raise LlaisysError(f"no progress from the engines for {client.token_timeout:.0f} s; "
                                        f"call restart() if they are stuck")
 
-    def _finish(self, start, interrupted: bool) -> None:
-        """Collect rank 0's result (all ranks have finished once it is in) and build the Reply."""
+    def _finish(self, interrupted: bool) -> None:
+        """Collect rank 0's result once every rank has finished, and build the Reply."""
         try:
-            result = self._result.get(timeout=STOP_TIMEOUT if interrupted else self._client.token_timeout)[0]
+            result = self._result.get(STOP_TIMEOUT if interrupted else self._client.token_timeout)[0]
         except Exception as e:
             if interrupted:
                 self.reply = Reply(self.text, stats=GenerationStats(finish_reason="interrupted"))

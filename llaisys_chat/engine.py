@@ -35,7 +35,7 @@ class Engine:
         error = None
         try:
             self._load(model, threads, max_context, compute, reduction, cache_slots)
-        except (LlaisysError, MemoryError, OSError, RuntimeError) as e:
+        except Exception as e:  # whatever failed here, every rank must hear of it or the others wait forever
             error = e
         raise_if_any_failed(self.group, error)
 

@@ -4,25 +4,25 @@ The client calls these functions on all engines at once (each call is collective
 COMM_WORLD). The loaded model lives in this module between calls, so a second client, or a
 restarted REPL, finds it already loaded.
 
-While a reply runs, rank 0 pushes each text piece straight to the client over its own zmq socket
-(microseconds per token, unlike ipyparallel's output channels) and polls a second socket for a stop
-request. A stop, or SIGINT/SIGUSR1 reaching any rank, sets a flag that the rank folds into that
+While a reply runs, rank 0 sends each text piece straight to the client over its own socket
+(stream_link.py: microseconds per token, unlike ipyparallel's output channels) and reads stop
+requests from it between steps. A stop, or SIGINT/SIGUSR1 reaching any rank, sets a flag that the rank folds into that
 step's token agreement, so every rank leaves the loop at the same step: none is left waiting inside
 a collective (a KeyboardInterrupt raised inside the loop would do exactly that).
 """
-import json
 import os
 import signal
 import socket
 import time
 
+from . import stream_link
 from .comm import MPIGroup
 from .engine import Engine
 from .errors import LlaisysError
 from .messages import opens_reasoning
 from .sampling import SamplingParams
 
-_state = {"engine": None, "spec": None, "stop": False, "sockets": {}}
+_state = {"engine": None, "spec": None, "stop": False, "link": None}
 
 
 def rank_info() -> dict:
@@ -61,10 +61,9 @@ def drop_session(key: str) -> None:
 
 
 def generate(request: dict) -> dict | None:
-    """Collective: one reply. Rank 0 streams pieces to request["stream_to"] and returns the result."""
+    """Collective: one reply. Rank 0 streams pieces to the client at request["stream_to"] and returns the result."""
     engine = _engine()
-    rank0 = engine.group.rank == 0
-    sender, control = _sockets(request) if rank0 else (None, None)
+    link = _link(request["stream_to"]) if engine.group.rank == 0 else None
     _state["stop"] = False
     previous = {sig: signal.signal(sig, _request_stop) for sig in (signal.SIGINT, signal.SIGUSR1)}
     try:
@@ -72,22 +71,21 @@ def generate(request: dict) -> dict | None:
         prompt_ids = engine.chat.encode(prompt)
         params = SamplingParams(**request["sampling"])
         run = engine.generate(prompt_ids, params, max_new_tokens=request["max_new_tokens"], stop=tuple(request["stop"]),
-                              cache_key=request["session"], should_stop=_should_stop(control, request["id"]))
+                              cache_key=request["session"], should_stop=_should_stop(link, request["id"]))
         # A prompt that opened the reasoning block: the client sees the tag, as if the model wrote it.
         opened = lead = "<think>" if opens_reasoning(prompt) else ""
         for _, piece in run:
-            if rank0 and (piece or lead):
-                sender.send(json.dumps({"id": request["id"], "text": lead + piece, "time": time.time()}).encode())
+            if link is not None and (piece or lead):
+                _send(link, {"id": request["id"], "text": lead + piece, "time": time.time()})
                 lead = ""
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    if not rank0:
+    if link is None:
         return None
-    result = {"id": request["id"], "text": opened + run.text, "prompt_ids": prompt_ids, "new_ids": run.tokens,
-              "stats": run.stats.to_dict()}
-    sender.send(json.dumps({"id": request["id"], "done": True}).encode())
-    return result
+    _send(link, {"id": request["id"], "done": True})
+    return {"id": request["id"], "text": opened + run.text, "prompt_ids": prompt_ids, "new_ids": run.tokens,
+            "stats": run.stats.to_dict()}
 
 
 def _engine() -> Engine:
@@ -100,29 +98,33 @@ def _request_stop(signum, frame):
     _state["stop"] = True
 
 
-def _should_stop(control, request_id):
+def _should_stop(link, request_id):
     """The per-step stop check: a signal on any rank, or a stop message for this request on rank 0."""
     def check() -> bool:
-        while control is not None and control.poll(0):
-            if control.recv().decode() == request_id:
-                _state["stop"] = True
+        try:
+            messages = link.receive(0) if link is not None else []
+        except OSError:
+            messages = None
+        if messages is None or any(m.get("stop") == request_id for m in messages):
+            _state["stop"] = True  # asked to, or the client has gone: nobody reads the rest
         return _state["stop"]
     return check
 
 
-def _sockets(request: dict):
-    """Rank 0's (token sender, stop receiver) for this client, kept while the client stays the same."""
-    import zmq
+def _send(link, message: dict) -> None:
+    """Send to the client; if it has gone, stop the reply (every rank stops at the next step)."""
+    try:
+        link.send(message)
+    except OSError:
+        _state["stop"] = True
+        _state["link"] = None
 
-    key = (request["stream_to"], request["control_from"])
-    if key not in _state["sockets"]:
-        for old in _state["sockets"].values():
-            for s in old:
-                s.close(linger=0)
-        context = zmq.Context.instance()
-        sender = context.socket(zmq.PUSH)
-        sender.connect(request["stream_to"])
-        control = context.socket(zmq.PULL)
-        control.connect(request["control_from"])
-        _state["sockets"] = {key: (sender, control)}
-    return _state["sockets"][key]
+
+def _link(address: str):
+    """Rank 0's connection to the client at address, kept while the client stays the same."""
+    held = _state["link"]
+    if held is None or held[0] != address:
+        if held is not None:
+            held[1].close()
+        _state["link"] = (address, stream_link.connect(address))
+    return _state["link"][1]

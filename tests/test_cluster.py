@@ -145,6 +145,21 @@ def test_a_killed_engine_gives_an_error_then_restart_recovers(chat):
     assert chat.generate(PROMPT, max_new_tokens=8).text
 
 
+def test_a_rank_that_raises_mid_reply_gives_an_error_at_once(chat):
+    """Rank 1 fails while rank 0 waits for it in a collective: the client must not wait too."""
+    code = ("from mpi4py import MPI\n"
+            "from llaisys_chat import worker\n"
+            "if MPI.COMM_WORLD.Get_rank() == 1:\n"
+            "    worker._state['engine'].model = None\n")
+    chat._client[chat._client.ids].execute(code, block=True)
+    started = time.monotonic()
+    with pytest.raises(LlaisysError, match="rank 1: engine error: AttributeError"):
+        chat.generate(PROMPT, max_new_tokens=20)
+    assert time.monotonic() - started < 10
+    chat.restart()
+    assert chat.generate(PROMPT, max_new_tokens=8).text
+
+
 def test_engines_that_are_not_mpi_ranks_are_refused(tmp_path):
     with ipcluster(tmp_path, n=2, engines="local"):
         with pytest.raises(LlaisysError, match="not the ranks of one MPI communicator"):
