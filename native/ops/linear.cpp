@@ -229,9 +229,10 @@ PackedWeight pack_weight(const Tensor& w, DType dtype) {
 void linear(Tensor& out, const Tensor& x, const PackedWeight& w, const Tensor* bias) {
     check_rows(out, w.n_out, "linear out");
     LLAISYS_CHECK(n_rows(out) == n_rows(x), "linear: out and x differ in rows");
-    std::vector<float> b(w.n_out, 0.0f);
+    std::vector<float> b;  // f32 copy of the bias; empty when there is none
     if (bias) {
         LLAISYS_CHECK(bias->ndim() == 1 && bias->size(0) == w.n_out && bias->is_contiguous(), "linear: bias must be [n_out]");
+        b.resize(w.n_out);
         to_f32(b.data(), bias->base, bias->dtype, w.n_out);
     }
     int64_t k_all = w.panels.size(1) * (w.panels.dtype == DType::BF16 ? 2 : 1);
@@ -242,7 +243,7 @@ void linear(Tensor& out, const Tensor& x, const PackedWeight& w, const Tensor* b
                 for (int64_t lane = 0; lane < kPanel; ++lane) {
                     int64_t col = (p0 + p) * kPanel + lane;
                     if (col >= w.n_out) break;
-                    float v = tile[(m * np + p) * kPanel + lane] + b[col];
+                    float v = tile[(m * np + p) * kPanel + lane] + (b.empty() ? 0.0f : b[col]);
                     if (out.dtype == DType::F32) reinterpret_cast<float*>(dst)[col] = v;
                     else from_f32(dst + col * dtype_size(out.dtype), out.dtype, &v, 1);
                 }
