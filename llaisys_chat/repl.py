@@ -61,8 +61,7 @@ class Repl:
     def run(self) -> None:
         """Chat until /quit or Ctrl-D."""
         self._say(f"llaisys-chat · {self._model_name()} · {self.info['ranks']} ranks · "
-                  f"{self.info['max_context']} tokens of context\n/help for commands · Ctrl-C stops a reply · "
-                  f"Ctrl-D to quit", "class:info")
+                  f"{self.info['max_context']}-token context · /help for help, Ctrl-D to quit", "class:info")
         while True:
             try:
                 text = self._read()

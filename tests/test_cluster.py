@@ -48,6 +48,25 @@ def test_streaming_yields_the_blocking_text_in_order(chat):
     assert sorted(stream.delays)[len(stream.delays) // 2] < 0.05
 
 
+def test_streamed_multi_byte_text_arrives_whole(chat):
+    prompt = "用中文写两句关于并行计算的话，并在结尾加上一个表情符号。"
+    blocking = chat.generate(prompt, max_new_tokens=60)
+    pieces = list(chat.generate(prompt, max_new_tokens=60, stream=True))
+    assert "".join(pieces) == blocking.text
+    assert any("\u4e00" <= ch <= "\u9fff" for ch in blocking.text) and "\ufffd" not in blocking.text
+
+
+def test_a_tiny_model_on_the_cluster_equals_the_single_process_engine(chat, tiny_models):
+    folder = tiny_models(layers=2, hidden=32, heads=4, kv_heads=2, ffn=256)
+    try:
+        chat.load(str(folder))
+        for sampling in (dict(temperature=0.0), dict(temperature=0.9, top_k=10, seed=4)):
+            expected = generate("cluster", engine=Engine(folder), max_new_tokens=16, **sampling).new_ids
+            assert chat.generate("cluster", max_new_tokens=16, **sampling).new_ids == expected
+    finally:
+        chat.load("demo")
+
+
 def test_stop_mid_reply_keeps_the_partial_reply_and_the_next_turn_works(chat):
     session = chat.session(temperature=0)
     stream = session.send(LONG, stream=True, max_new_tokens=400)

@@ -85,3 +85,15 @@ def test_greedy_tokens_match_in_f32(hf, engine_f32):
                                  eos_token_id=sorted(engine_f32.chat.stop_ids), pad_token_id=tokenizer.pad_token_id)
         expected = [t for t in out[0, len(reply.prompt_ids):].tolist() if t not in engine_f32.chat.stop_ids]
         assert reply.new_ids == expected, messages[-1]["content"]
+
+
+def test_multi_turn_cache_reuse_equals_a_fresh_computation(demo_folder):
+    engine = Engine(demo_folder, threads=2)
+    messages = [{"role": "user", "content": "Give me a Python one-liner that reverses a list."}]
+    first = generate(messages=messages, engine=engine, max_new_tokens=32)
+    messages += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "Now for a string."}]
+    prompt = engine.chat.encode_chat(messages)
+    reused = engine.generate(prompt, max_new_tokens=32).run()
+    assert reused.stats.cached_tokens > len(first.prompt_ids)
+    fresh = engine.generate(prompt, max_new_tokens=32, cache_key="fresh").run()
+    assert fresh.stats.cached_tokens == 0 and reused.tokens == fresh.tokens
