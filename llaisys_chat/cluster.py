@@ -23,8 +23,8 @@ from pathlib import Path
 
 from . import stream_link, worker
 from .errors import LlaisysError
-from .messages import build_messages, validate_messages
-from .model_files import resolve_model
+from .messages import build_messages
+from .model_files import resolve_model, weight_dtype
 from .reply import GenerationStats, Reply
 from .sampling import SamplingParams
 from .session import Session
@@ -67,14 +67,26 @@ def connect(model: str | None = "demo", profile: str | None = None, cluster_id: 
         try:
             client = cluster.connect_client_sync()
         except Exception as e:
+            _stop_if_owned(cluster, owned)
             raise LlaisysError(f"cannot connect to the cluster ({e})") from None
-    c = ClusterClient(client, cluster, owned, timeout=timeout, token_timeout=token_timeout, say=say)
+    try:
+        c = ClusterClient(client, cluster, owned, timeout=timeout, token_timeout=token_timeout, say=say)
+    except BaseException:
+        client.close()
+        _stop_if_owned(cluster, owned)
+        raise
     try:
         c.load(model, **engine_options)
     except BaseException:
         c.close()
         raise
     return c
+
+
+def _stop_if_owned(cluster, owned: bool) -> None:
+    """Stop a cluster that this process started (after a failed connect)."""
+    if owned:
+        cluster.stop_cluster_sync()
 
 
 class ClusterClient:
@@ -84,7 +96,6 @@ class ClusterClient:
         self._client, self._cluster, self._owned = client, cluster, owned
         self.timeout, self.token_timeout, self._say = timeout, token_timeout, say
         self.spec: dict | None = None
-        self.last_reply: Reply | None = None
         self._listener = None  # where rank 0 connects to stream (made on the first reply)
         self._link = None      # rank 0's connection, kept between replies
         self._ranks = self._discover_ranks()
@@ -134,13 +145,13 @@ class ClusterClient:
         if held != spec:
             if all(r["host"] == socket.gethostname() for r in self._ranks):
                 # Download/convert here, where progress shows; the engines then find the files ready.
-                resolve_model(model, dtype="f32" if engine_options.get("compute") == "f32" else "bf16")
+                resolve_model(model, dtype=weight_dtype(engine_options.get("compute", "auto")))
             self._say(f"loading {model} on {self.n_ranks} ranks...")
         results = self.run_on_ranks(worker.load, spec, timeout=LOAD_TIMEOUT)
         self.spec = spec
         if results[0]["loaded_now"]:
             self._say(f"{model} loaded ({results[0]['max_context']} tokens of context)")
-        return self.info()
+        return self._summary(results)
 
     # -- replies -------------------------------------------------------------------------------
 
@@ -152,12 +163,8 @@ class ClusterClient:
         if isinstance(prompt_or_messages, str):
             messages = build_messages(prompt_or_messages, system)
         else:
-            messages = build_messages(None, system, validate_messages(prompt_or_messages))
+            messages = build_messages(None, system, prompt_or_messages)
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-        if params.temperature > 0:
-            params = params.with_seed()  # chosen here so that every rank uses the same seed
-        if max_new_tokens < 1:
-            raise LlaisysError(f"max_new_tokens must be at least 1, not {max_new_tokens}")
         if isinstance(stop, str):
             stop = (stop,)
         request = {"id": uuid.uuid4().hex, "messages": messages, "sampling": params.to_dict(),
@@ -179,14 +186,16 @@ class ClusterClient:
 
     def info(self) -> dict:
         """Model, ranks, context size and per-rank memory."""
-        per_rank = self.run_on_ranks(worker.info, timeout=self.timeout)
+        return self._summary(self.run_on_ranks(worker.info))
+
+    def _summary(self, per_rank: list[dict]) -> dict:
         first = per_rank[0]
         return {"model": self.spec["model"] if self.spec else first["model"], "folder": first["model"],
                 "ranks": self.n_ranks, "max_context": first["max_context"], "compute": first["compute"],
                 "threads_per_rank": first["threads"], "hosts": sorted({r["host"] for r in self._ranks}),
-                "per_rank": [{"rank": r["rank"], "host": h["host"], "pid": h["pid"], "rss_bytes": i["rss_bytes"],
+                "per_rank": [{"rank": r["rank"], "host": r["host"], "pid": r["pid"], "rss_bytes": i["rss_bytes"],
                               "weight_bytes": i["weight_bytes"], "cache_bytes": i["cache_bytes"], "shard": i["shard"]}
-                             for r, h, i in zip(self._ranks, self._ranks, per_rank)]}
+                             for r, i in zip(self._ranks, per_rank)]}
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -286,6 +295,7 @@ class ClusterClient:
                 self._link.send({"stop": request_id})
                 return
         except OSError:
+            self._link.close()
             self._link = None
         self._client.send_signal(signal.SIGUSR1, targets=[self._ranks[0]["engine"]], block=False)
 
@@ -309,8 +319,10 @@ class RankCall:
         return all(r.ready() for r in self._results)
 
     def wait(self, seconds: float) -> None:
-        """Wait up to seconds for the slowest rank."""
-        self._results[-1].wait(seconds)
+        """Wait up to seconds for a rank that has not finished yet."""
+        pending = [r for r in self._results if not r.ready()]
+        if pending:
+            pending[0].wait(seconds)
 
     def raise_if_failed(self) -> None:
         """Raise the first failure among the ranks that have finished."""
@@ -376,6 +388,7 @@ class ReplyStream:
         while True:
             messages = link.receive(POLL_SECONDS)
             if messages is None:  # a connection from an earlier rank 0: this one connects anew, or has failed
+                link.close()
                 client._link = None
                 link = client._wait_for_link(self._result, time.monotonic() + client.token_timeout)
                 continue
@@ -403,15 +416,12 @@ class ReplyStream:
         except Exception as e:
             if interrupted:
                 self.reply = Reply(self.text, stats=GenerationStats(finish_reason="interrupted"))
-                self._client.last_reply = self.reply
                 return
             raise _user_error(e) from None
         stats = GenerationStats.from_dict(result["stats"])
         if self.first_piece_seconds is not None:
             stats.first_token_seconds = self.first_piece_seconds
         self.reply = Reply(result["text"], result["prompt_ids"], result["new_ids"], stats)
-        self.text = result["text"]
-        self._client.last_reply = self.reply
 
 
 def _running_cluster(profile, cluster_id):

@@ -37,6 +37,10 @@ class SingleProcess:
         """Every rank's object, in rank order."""
         return [obj]
 
+    def bcast(self, obj):
+        """Rank 0's object, on every rank."""
+        return obj
+
 
 class MPIGroup(SingleProcess):
     """The ranks of an MPI communicator (COMM_WORLD unless one is given)."""
@@ -70,6 +74,9 @@ class MPIGroup(SingleProcess):
     def allgather(self, obj) -> list:
         return self.comm.allgather(obj)
 
+    def bcast(self, obj):
+        return self.comm.bcast(obj, root=0)
+
 
 def _mpi_allreduce_address() -> int:
     """Address of MPI_Allreduce in the MPI library this process has loaded (through mpi4py)."""
@@ -101,7 +108,12 @@ def default_group():
 
 def raise_if_any_failed(group, error: BaseException | None) -> None:
     """Collective: every rank raises if any rank failed (e.g. to load), so no rank is left waiting."""
-    message = None if error is None else f"{type(error).__name__}: {error}" if not isinstance(error, LlaisysError) else str(error)
+    if error is None:
+        message = None
+    elif isinstance(error, LlaisysError):
+        message = str(error)
+    else:
+        message = f"{type(error).__name__}: {error}"
     failures = [(rank, m) for rank, m in enumerate(group.allgather(message)) if m is not None]
     if failures:
         rank, first = failures[0]

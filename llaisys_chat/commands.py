@@ -35,6 +35,21 @@ NAMES = ["/system", "/set", "/show", "/reset", "/clear", "/undo", "/retry", "/sa
          "/help", "/quit", "/exit", "/bye"]
 
 
+def sampling_from_args(args) -> dict:
+    """Session settings from parsed --temperature/--top-k/--top-p/--max-tokens/--seed options (the
+    REPL's and the magic's), leaving out the ones not given."""
+    given = {name: getattr(args, name) for name in PARAMETERS}
+    return {PARAMETERS[name][0]: value for name, value in given.items() if value is not None}
+
+
+def format_stats(reply) -> str:
+    """One line about a reply: tokens, why it ended, time to first token, prefill and decode speed."""
+    s = reply.stats
+    return (f"{s.new_tokens} tokens ({s.finish_reason}); prompt {s.prompt_tokens} tokens, {s.cached_tokens} cached; "
+            f"first token {s.first_token_seconds * 1000:.0f} ms; prefill {s.prefill_tokens_per_s:.1f} tok/s; "
+            f"decode {s.decode_tokens_per_s:.1f} tok/s")
+
+
 @dataclass
 class CommandResult:
     """What a command asks of the front end: text to show, and whether to quit or regenerate."""
@@ -131,14 +146,9 @@ class Commands:
         return CommandResult(f"Loaded {len(self.session.messages)} messages from {args[0]}")
 
     def _stats(self, args):
-        reply = self.session.last_reply
-        if reply is None:
+        if self.session.last_reply is None:
             raise LlaisysError("no reply yet")
-        s = reply.stats
-        return CommandResult(
-            f"{s.new_tokens} tokens ({s.finish_reason}); prompt {s.prompt_tokens} tokens, {s.cached_tokens} cached; "
-            f"first token {s.first_token_seconds * 1000:.0f} ms; prefill {s.prefill_tokens_per_s:.1f} tok/s; "
-            f"decode {s.decode_tokens_per_s:.1f} tok/s")
+        return CommandResult(format_stats(self.session.last_reply))
 
     def _think(self, args):
         if args not in (["show"], ["hide"]):

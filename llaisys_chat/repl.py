@@ -20,7 +20,7 @@ from prompt_toolkit.styles import Style, merge_styles, style_from_pygments_cls
 from pygments.styles import get_style_by_name
 
 from . import cluster
-from .commands import CommandCompleter, Commands
+from .commands import CommandCompleter, Commands, sampling_from_args
 from .errors import LlaisysError
 from .render import StreamRenderer
 
@@ -49,7 +49,7 @@ class Repl:
     """The interactive loop: read a message or command, stream the reply, repeat."""
 
     def __init__(self, client, session, *, input=None, output=None, history=None):
-        self.client, self.session = client, session
+        self.session = session
         self.commands = Commands(session, client)
         self.info = client.info()
         self.last_speed: float | None = None
@@ -100,6 +100,9 @@ class Repl:
             result = self.commands.run(line)
         except LlaisysError as e:
             self._say(f"error: {e}", "class:error")
+            return False
+        except KeyboardInterrupt:
+            self._say("(interrupted)", "class:dim")
             return False
         if result.text:
             self._say(result.text, "class:info")
@@ -202,9 +205,7 @@ def main(argv=None) -> int:
         from .kernel.install import main as kernel_main
         return kernel_main(argv[1:])
     args = parser().parse_args(argv)
-    sampling = {key: value for key, value in (("temperature", args.temperature), ("top_k", args.top_k),
-                                              ("top_p", args.top_p), ("max_new_tokens", args.max_tokens),
-                                              ("seed", args.seed)) if value is not None}
+    sampling = sampling_from_args(args)
     try:
         client = cluster.connect(args.model, profile=args.profile, cluster_id=args.cluster_id, n=args.n)
     except LlaisysError as e:
@@ -226,6 +227,8 @@ def main(argv=None) -> int:
     except LlaisysError as e:
         print(f"llaisys-chat: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        return 130
     finally:
         client.close()
 

@@ -13,7 +13,6 @@ at every step, which is also where a stop request travels (see `choose_token`).
   terms in fixed point and the integer sums are all-reduced, so Z is exact and N-independent;
   each shard then offers the prefix of its tokens whose mass could lie inside the nucleus.
 """
-import random
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -44,12 +43,6 @@ class SamplingParams:
             raise LlaisysError(f"top_p must be in (0, 1], not {self.top_p!r}")
         if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < 2**64):
             raise LlaisysError(f"seed must be a whole number in [0, 2^64), not {self.seed!r}")
-
-    def with_seed(self) -> "SamplingParams":
-        """These params with a concrete seed (a random one if none was given)."""
-        if self.seed is not None:
-            return self
-        return SamplingParams(self.temperature, self.top_k, self.top_p, random.getrandbits(63))
 
     def to_dict(self) -> dict:
         """The fields as a plain dict."""
@@ -100,7 +93,7 @@ def _choose_filtered(logits, vocab_begin, params, step, group, stop_requested) -
     if params.top_p < 1:
         keep = int(np.searchsorted(np.cumsum(probs), params.top_p)) + 1  # include the token crossing p
         values, ids, scaled = values[:keep], ids[:keep], scaled[:keep]
-    noise = np.array([_native.gumbel_noise(params.seed, step, int(i)) for i in ids], dtype=np.float32)
+    noise = _native.gumbel_noise(params.seed, step, ids)
     return int(ids[int(np.argmax(scaled + noise))])
 
 

@@ -38,14 +38,14 @@ class Session:
         if not isinstance(text, str) or not text.strip():
             raise LlaisysError("the message is empty")
         self.messages.append({"role": "user", "content": text})
-        return self._reply(stream, sampling)
+        return self._reply(stream, sampling, undo=self.messages.pop)
 
     def regenerate(self, stream: bool = False, **sampling):
         """Replace the last reply with a new one."""
         if not self.messages or self.messages[-1]["role"] != "assistant":
             raise LlaisysError("there is no reply to regenerate")
-        self.messages.pop()
-        return self._reply(stream, sampling)
+        previous = self.messages.pop()
+        return self._reply(stream, sampling, undo=lambda: self.messages.append(previous))
 
     def undo(self) -> str | None:
         """Remove the last exchange (the user's message and its reply); returns the user's text."""
@@ -111,14 +111,16 @@ class Session:
 
     # -- plumbing ------------------------------------------------------------------------------
 
-    def _reply(self, stream: bool, overrides: dict):
+    def _reply(self, stream: bool, overrides: dict, undo):
+        """Generate the next reply; if it fails before any reply exists, undo() puts the
+        conversation back as it was."""
         settings = {**self.sampling, **overrides}
         try:
             reply_stream = self.client.generate(self.prompt_messages(), stream=True, session_key=self.key, **settings)
         except BaseException:
-            self.messages.pop()  # the turn did not happen: the conversation stays as it was
+            undo()
             raise
-        recording = _RecordingStream(reply_stream, self)
+        recording = _RecordingStream(reply_stream, self, undo)
         if stream:
             return recording
         for _ in recording:
@@ -133,8 +135,8 @@ class Session:
 class _RecordingStream:
     """A ReplyStream whose reply joins the session when it ends, however it ends."""
 
-    def __init__(self, stream, session: Session):
-        self._stream, self._session = stream, session
+    def __init__(self, stream, session: Session, undo):
+        self._stream, self._session, self._undo = stream, session, undo
 
     def __iter__(self):
         try:
@@ -143,7 +145,7 @@ class _RecordingStream:
             if self._stream.reply is not None:  # stopped: keep what was said
                 self._session._record(self._stream.reply)
             else:
-                self._session.messages.pop()  # failed before a reply existed: the turn did not happen
+                self._undo()  # failed before a reply existed: the turn did not happen
             if isinstance(e, GeneratorExit):
                 return
             raise

@@ -27,9 +27,12 @@ class Link:
 
     def receive(self, timeout: float) -> list[dict] | None:
         """The messages that arrive within timeout seconds ([] if none), or None once the other side closed."""
-        if not select.select([self.sock], [], [], timeout)[0]:
-            return []
-        data = self.sock.recv(1 << 16)
+        try:
+            if not select.select([self.sock], [], [], timeout)[0]:
+                return []
+            data = self.sock.recv(1 << 16)
+        except OSError:  # reset by a peer that died
+            return None
         if not data:
             return None
         *lines, self._partial = (self._partial + data).split(b"\n")

@@ -35,6 +35,9 @@ def rank_info() -> dict:
 
 def load(spec: dict) -> dict:
     """Collective: load spec["model"] (engine options in spec) unless this exact spec is loaded."""
+    # The client's fallback stop (before rank 0 has connected) is SIGUSR1, whose default action
+    # would end the engine: here it only sets the flag.
+    signal.signal(signal.SIGUSR1, _request_stop)
     if _state["spec"] != spec:
         _state["engine"] = None  # free the old shard before the new one loads
         _state["spec"] = None
@@ -63,27 +66,28 @@ def drop_session(key: str) -> None:
 def generate(request: dict) -> dict | None:
     """Collective: one reply. Rank 0 streams pieces to the client at request["stream_to"] and returns the result."""
     engine = _engine()
-    link = _link(request["stream_to"]) if engine.group.rank == 0 else None
+    rank0 = engine.group.rank == 0
     _state["stop"] = False
-    previous = {sig: signal.signal(sig, _request_stop) for sig in (signal.SIGINT, signal.SIGUSR1)}
+    if rank0:
+        _connect(request["stream_to"])
+    previous_sigint = signal.signal(signal.SIGINT, _request_stop)
     try:
         prompt = engine.chat.render(request["messages"])
         prompt_ids = engine.chat.encode(prompt)
         params = SamplingParams(**request["sampling"])
         run = engine.generate(prompt_ids, params, max_new_tokens=request["max_new_tokens"], stop=tuple(request["stop"]),
-                              cache_key=request["session"], should_stop=_should_stop(link, request["id"]))
+                              cache_key=request["session"], should_stop=_stop_check(rank0, request["id"]))
         # A prompt that opened the reasoning block: the client sees the tag, as if the model wrote it.
         opened = lead = "<think>" if opens_reasoning(prompt) else ""
         for _, piece in run:
-            if link is not None and (piece or lead):
-                _send(link, {"id": request["id"], "text": lead + piece, "time": time.time()})
+            if rank0 and (piece or lead):
+                _send({"id": request["id"], "text": lead + piece, "time": time.time()})
                 lead = ""
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    if link is None:
+        signal.signal(signal.SIGINT, previous_sigint)
+    if not rank0:
         return None
-    _send(link, {"id": request["id"], "done": True})
+    _send({"id": request["id"], "done": True})
     return {"id": request["id"], "text": opened + run.text, "prompt_ids": prompt_ids, "new_ids": run.tokens,
             "stats": run.stats.to_dict()}
 
@@ -98,33 +102,48 @@ def _request_stop(signum, frame):
     _state["stop"] = True
 
 
-def _should_stop(link, request_id):
-    """The per-step stop check: a signal on any rank, or a stop message for this request on rank 0."""
+def _stop_check(rank0: bool, request_id: str):
+    """The per-step stop check: a signal on any rank, or on rank 0 a stop message for this request
+    (or the client gone: nobody would read the rest)."""
     def check() -> bool:
-        try:
-            messages = link.receive(0) if link is not None else []
-        except OSError:
-            messages = None
-        if messages is None or any(m.get("stop") == request_id for m in messages):
-            _state["stop"] = True  # asked to, or the client has gone: nobody reads the rest
+        if rank0 and _state["link"] is not None:
+            try:
+                messages = _state["link"][1].receive(0)
+            except OSError:
+                messages = None
+            if messages is None:
+                _disconnect()
+            elif any(m.get("stop") == request_id for m in messages):
+                _state["stop"] = True
         return _state["stop"]
     return check
 
 
-def _send(link, message: dict) -> None:
-    """Send to the client; if it has gone, stop the reply (every rank stops at the next step)."""
+def _send(message: dict) -> None:
+    """Send to the client, if connected; if it has gone, the reply stops (every rank, next step)."""
+    if _state["link"] is None:
+        return
     try:
-        link.send(message)
+        _state["link"][1].send(message)
     except OSError:
-        _state["stop"] = True
-        _state["link"] = None
+        _disconnect()
 
 
-def _link(address: str):
-    """Rank 0's connection to the client at address, kept while the client stays the same."""
+def _connect(address: str) -> None:
+    """Rank 0's connection to the client at address, kept while the client stays the same. If the
+    client cannot be reached, the reply stops at its first step, on every rank."""
     held = _state["link"]
-    if held is None or held[0] != address:
-        if held is not None:
-            held[1].close()
+    if held is not None and held[0] == address:
+        return
+    if held is not None:
+        held[1].close()
+    try:
         _state["link"] = (address, stream_link.connect(address))
-    return _state["link"][1]
+    except OSError:
+        _state["link"], _state["stop"] = None, True
+
+
+def _disconnect() -> None:
+    """The client has gone: drop its connection and stop the reply."""
+    _state["link"][1].close()
+    _state["link"], _state["stop"] = None, True

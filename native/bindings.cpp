@@ -147,7 +147,10 @@ PYBIND11_MODULE(_native, m) {
         ops::add(o, arg(a), arg(b));
     });
     m.def("argmax", [](py::array x) { return ops::argmax(arg(x)); });
-    m.def("gumbel_noise", &ops::gumbel_noise, py::arg("seed"), py::arg("step"), py::arg("token_id"));
+    m.def("gumbel_noise", [](uint64_t seed, uint64_t step, std::vector<int64_t> token_ids) {
+        std::vector<float> noise = ops::gumbel_noise(seed, step, token_ids);
+        return py::array_t<float>(noise.size(), noise.data());
+    }, py::arg("seed"), py::arg("step"), py::arg("token_ids"), "Gumbel noise of each token id at (seed, step).");
     m.def("gumbel_argmax", [](py::array x, float inv_temperature, uint64_t seed, uint64_t step, int64_t id_offset) {
         return ops::gumbel_argmax(arg(x), inv_temperature, seed, step, id_offset);
     });

@@ -66,6 +66,7 @@ std::pair<float, int64_t> argmax(const Tensor& x);
 // Noise comes from a counter-based generator keyed on (seed, step, global id): the same token
 // gets the same noise whichever rank holds it.
 float gumbel_noise(uint64_t seed, uint64_t step, int64_t token_id);
+std::vector<float> gumbel_noise(uint64_t seed, uint64_t step, const std::vector<int64_t>& token_ids);
 // Gumbel-max: (max of x*inv_temperature + noise, its global id). Equals a sample of softmax(x/T).
 std::pair<float, int64_t> gumbel_argmax(const Tensor& x, float inv_temperature, uint64_t seed,
                                         uint64_t step, int64_t id_offset);

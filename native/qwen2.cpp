@@ -18,11 +18,13 @@ const Tensor& weight(const std::map<std::string, Tensor>& weights, const std::st
     return it->second;
 }
 
-// Rows of several [n_i, cols] matrices stacked into one, so that fused projections run as one product.
-Tensor stack_rows(const std::vector<Tensor>& parts, DType dtype) {
-    int64_t rows = 0, cols = parts.front().size(-1);
-    for (const Tensor& p : parts) rows += p.size(0);
-    Tensor out = Tensor::empty({rows, cols}, dtype);
+// Tensors joined along their first dimension (rows of matrices, or vectors end to end), so that
+// fused projections run as one product with one bias.
+Tensor concat_rows(const std::vector<Tensor>& parts, DType dtype) {
+    std::vector<int64_t> shape = parts.front().shape;
+    shape[0] = 0;
+    for (const Tensor& p : parts) shape[0] += p.size(0);
+    Tensor out = Tensor::empty(shape, dtype);
     int64_t at = 0;
     for (const Tensor& p : parts) {
         Tensor dst = out.slice(0, at, at + p.size(0));
@@ -38,20 +40,6 @@ Tensor bias_or_zeros(const std::map<std::string, Tensor>& weights, const std::st
     if (it == weights.end()) return Tensor::zeros({n}, DType::F32);
     LLAISYS_CHECK(it->second.shape == std::vector<int64_t>{n}, "bias " + name + " has the wrong shape for this shard");
     return it->second;
-}
-
-// Vectors joined end to end, in f32.
-Tensor concat(const std::vector<Tensor>& parts) {
-    int64_t n = 0;
-    for (const Tensor& p : parts) n += p.numel();
-    Tensor out = Tensor::empty({n}, DType::F32);
-    int64_t at = 0;
-    for (const Tensor& p : parts) {
-        Tensor dst = out.slice(0, at, at + p.numel());
-        copy(dst, p);
-        at += p.numel();
-    }
-    return out;
 }
 
 Tensor owned_copy(const Tensor& t, DType dtype) {
@@ -109,17 +97,18 @@ Qwen2::Qwen2(const Qwen2Config& config, const Shard& shard, const std::map<std::
         const std::string p = "model.layers." + std::to_string(i) + ".";
         Qwen2Layer layer;
         layer.attn_norm = owned_copy(weight(weights, p + "input_layernorm.weight", {D}), DType::F32);
-        layer.qkv = ops::pack_weight(stack_rows({weight(weights, p + "self_attn.q_proj.weight", {H_l * hd, D}),
+        layer.qkv = ops::pack_weight(concat_rows({weight(weights, p + "self_attn.q_proj.weight", {H_l * hd, D}),
                                                  weight(weights, p + "self_attn.k_proj.weight", {KV_l * hd, D}),
                                                  weight(weights, p + "self_attn.v_proj.weight", {KV_l * hd, D})},
                                                 dt),
                                      dt);
-        layer.qkv_bias = concat({bias_or_zeros(weights, p + "self_attn.q_proj.bias", H_l * hd),
-                                 bias_or_zeros(weights, p + "self_attn.k_proj.bias", KV_l * hd),
-                                 bias_or_zeros(weights, p + "self_attn.v_proj.bias", KV_l * hd)});
+        layer.qkv_bias = concat_rows({bias_or_zeros(weights, p + "self_attn.q_proj.bias", H_l * hd),
+                                      bias_or_zeros(weights, p + "self_attn.k_proj.bias", KV_l * hd),
+                                      bias_or_zeros(weights, p + "self_attn.v_proj.bias", KV_l * hd)},
+                                     DType::F32);
         layer.o = ops::pack_weight(weight(weights, p + "self_attn.o_proj.weight", {D, H_l * hd}), dt);
         layer.ffn_norm = owned_copy(weight(weights, p + "post_attention_layernorm.weight", {D}), DType::F32);
-        layer.gate_up = ops::pack_weight(stack_rows({weight(weights, p + "mlp.gate_proj.weight", {F_l, D}),
+        layer.gate_up = ops::pack_weight(concat_rows({weight(weights, p + "mlp.gate_proj.weight", {F_l, D}),
                                                      weight(weights, p + "mlp.up_proj.weight", {F_l, D})},
                                                     dt),
                                          dt);

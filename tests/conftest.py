@@ -82,11 +82,12 @@ def ipcluster(ipython_dir: Path, n: int = 2, engines: str = "MPI"):
     env = {**os.environ, "IPYTHONDIR": str(ipython_dir), "PATH": f"{bin_dir}:{os.environ['PATH']}"}
     previous = os.environ.get("IPYTHONDIR")
     os.environ["IPYTHONDIR"] = str(ipython_dir)
-    subprocess.run([bin_dir / "ipcluster", "start", f"--engines={engines}", "-n", str(n), "--daemonize"],
-                   env=env, check=True, capture_output=True, timeout=60)
     try:
+        subprocess.run([bin_dir / "ipcluster", "start", f"--engines={engines}", "-n", str(n), "--daemonize"],
+                       env=env, check=True, capture_output=True, timeout=60)
         deadline = time.monotonic() + 30
-        while not (profile / "security" / "cluster-.json").exists() and time.monotonic() < deadline:
+        while not (profile / "security" / "cluster-.json").exists():
+            assert time.monotonic() < deadline, "ipcluster wrote no cluster file within 30 s"
             time.sleep(0.1)
         yield profile
     finally:

@@ -1,4 +1,5 @@
-"""Run under mpiexec: several replies from one loaded engine; rank 0 prints their token ids as JSON.
+"""Run under mpiexec: several replies from one loaded engine; rank 0 prints their token ids as JSON,
+and whether every rank ended with the same ids.
 
 argv[1] is {"model": ..., "reduction": "exact"|"fast", "runs": [generate() keyword arguments, ...]}.
 """
@@ -13,5 +14,7 @@ spec = json.loads(sys.argv[1])
 group = default_group()
 engine = Engine(spec["model"], group=group, threads=1, reduction=spec.get("reduction", "exact"))
 tokens = [generate(engine=engine, **run).new_ids for run in spec["runs"]]
+every_rank = group.allgather(tokens)
 if group.rank == 0:
-    print(json.dumps({"ranks": group.size, "tokens": tokens, "info": engine.info()}))
+    print(json.dumps({"ranks": group.size, "tokens": tokens, "ranks_agree": all(t == tokens for t in every_rank),
+                      "info": engine.info()}))

@@ -126,6 +126,10 @@ def test_session_undo_regenerate_save_and_load(chat, tmp_path):
     restored.load(path)
     assert restored.messages == session.messages and restored.system == "You are terse."
     assert restored.sampling == session.sampling
+    kept = list(session.messages)
+    with pytest.raises(LlaisysError, match="temperature"):
+        session.regenerate(temperature=-1)  # a failed retry leaves the conversation as it was
+    assert session.messages == kept
     assert session.undo() == "Name a prime number." and session.messages == []
     with pytest.raises(LlaisysError, match="not a saved conversation"):
         (tmp_path / "bad.json").write_text("[1, 2]")

@@ -102,7 +102,7 @@ def test_demo_model_gives_the_same_tokens_for_any_rank_count(demo_folder):
     for n in (1, 2, 3, 4):
         result = tokens_on_ranks(n, demo_folder, runs)
         assert result["ranks"] == n
-        assert result["tokens"] == expected, f"N={n}"
+        assert result["tokens"] == expected and result["ranks_agree"], f"N={n}"
 
 
 def test_demo_shard_memory_shrinks_with_ranks(demo_folder):
@@ -147,3 +147,11 @@ def test_generate_cli_runs_under_mpiexec(tiny_models):
     assert out["ranks"] == 3 and len(out["new_ids"]) == 6
     single = generate("hi", engine=Engine(folder), max_new_tokens=6)
     assert out["new_ids"] == single.new_ids
+
+
+def test_sampling_without_a_seed_agrees_across_ranks(tiny_models):
+    """Without a seed, each rank would pick its own and choose its own tokens from the same candidates."""
+    runs = [dict(prompt="seedless", max_new_tokens=16, temperature=0.9, top_k=10),
+            dict(prompt="seedless", max_new_tokens=16, temperature=1.0, top_p=0.8)]
+    result = tokens_on_ranks(2, tiny_models(**TINY_LAYOUTS[0]), runs)
+    assert result["ranks_agree"] and all(result["tokens"])

@@ -47,9 +47,10 @@ class ChatKernel(Kernel):
                     self._reply(self._session.regenerate(stream=True), silent)
             if message:
                 self._reply(self._session.send(message, stream=True), silent)
-        except LlaisysError as e:
-            self._stream(f"error: {e}\n", name="stderr")
-            return {"status": "error", "ename": "LlaisysError", "evalue": str(e), "traceback": [f"error: {e}"],
+        except (LlaisysError, KeyboardInterrupt) as e:  # a one-line error; the kernel lives on
+            message = str(e) if isinstance(e, LlaisysError) else "interrupted"
+            self._stream(f"error: {message}\n", name="stderr")
+            return {"status": "error", "ename": type(e).__name__, "evalue": message, "traceback": [f"error: {message}"],
                     "execution_count": self.execution_count}
         return {"status": "ok", "execution_count": self.execution_count, "payload": [], "user_expressions": {}}
 
@@ -62,8 +63,8 @@ class ChatKernel(Kernel):
                     self._stream(piece)
         except KeyboardInterrupt:  # the notebook's stop button: every rank stops, the text so far stays
             stopped = True
-        reply = self._session.last_reply
-        if silent:
+        reply = stream.reply
+        if silent or reply is None:
             return
         self.send_response(self.iopub_socket, "clear_output", {"wait": True})
         self.send_response(self.iopub_socket, "execute_result", {

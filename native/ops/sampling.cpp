@@ -37,6 +37,13 @@ float gumbel_noise(uint64_t seed, uint64_t step, int64_t token_id) {
     return static_cast<float>(-std::log(-std::log(u)));
 }
 
+std::vector<float> gumbel_noise(uint64_t seed, uint64_t step, const std::vector<int64_t>& token_ids) {
+    std::vector<float> noise;
+    noise.reserve(token_ids.size());
+    for (int64_t id : token_ids) noise.push_back(gumbel_noise(seed, step, id));
+    return noise;
+}
+
 std::pair<float, int64_t> gumbel_argmax(const Tensor& x, float inv_temperature, uint64_t seed, uint64_t step,
                                         int64_t id_offset) {
     LLAISYS_CHECK(x.ndim() == 1 && x.size(0) > 0, "gumbel_argmax: x must be a non-empty vector");
