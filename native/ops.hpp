@@ -16,11 +16,13 @@ void embedding(Tensor& out /*[M, D]*/, const Tensor& ids /*[M] i32|i64*/, const 
                int64_t vocab_begin);
 
 // A weight W[n_out, n_in] repacked once at load for the matmul kernels: panels of kPanel output
-// rows. bf16 panels interleave k-pairs ([n_in/2][kPanel][2], the layout dot-product-of-pairs
-// instructions consume); f32 panels are [n_in][kPanel]. Padding rows and columns are zero.
+// rows, kGroup panels interleaved per k step, so that a decode tile (one group) streams through one
+// contiguous run of memory. bf16 keeps k-pairs together ([kPanel][2], the layout dot-product-of-pairs
+// instructions consume). Padding rows, columns and panels are zero.
 constexpr int64_t kPanel = 16;
+constexpr int64_t kGroup = 4;
 struct PackedWeight {
-    Tensor panels;  // bf16: [n_panels, n_in_padded / 2, kPanel, 2]; f32: [n_panels, n_in, kPanel]
+    Tensor panels;  // bf16: [n_groups, n_in_padded / 2, kGroup, kPanel, 2]; f32: [n_groups, n_in, kGroup, kPanel]
     int64_t n_out = 0;
     int64_t n_in = 0;
 };

@@ -22,28 +22,20 @@ typedef float f32x16 __attribute__((vector_size(64)));
 typedef uint32_t u32x16 __attribute__((vector_size(64)));
 
 // Tile shapes, sized so that accumulators and operands fit the vector register file.
-#ifndef LLAISYS_DECODE_PANELS
 #if defined(__AVX512F__)
-#define LLAISYS_DECODE_PANELS 4
+constexpr int64_t kTileTokens = 8, kTilePanelsPrefill = 2, kTilePanelsDecode = 4;
 #else
-#define LLAISYS_DECODE_PANELS 2
+constexpr int64_t kTileTokens = 4, kTilePanelsPrefill = 1, kTilePanelsDecode = 2;
 #endif
-#endif
-#if defined(__AVX512F__)
-constexpr int64_t kTileTokens = 8, kTilePanelsPrefill = 2, kTilePanelsDecode = LLAISYS_DECODE_PANELS;
-#else
-constexpr int64_t kTileTokens = 4, kTilePanelsPrefill = 1, kTilePanelsDecode = LLAISYS_DECODE_PANELS;
-#endif
-constexpr int kMaxTokens = 8, kMaxPanels = kTilePanelsDecode > 4 ? kTilePanelsDecode : 4;
-// Software prefetch distance along each panel, in k-pairs (one 64-byte line per k-pair).
-#ifndef LLAISYS_PREFETCH_PAIRS
-#define LLAISYS_PREFETCH_PAIRS 32
-#endif
-constexpr int64_t kPrefetchPairs = LLAISYS_PREFETCH_PAIRS;
+constexpr int kMaxTokens = 8, kMaxPanels = kGroup;
+static_assert(kGroup % kTilePanelsDecode == 0 && kGroup % kTilePanelsPrefill == 0, "tiles must not straddle groups");
+// Software prefetch distance, in k-pairs ahead of the tile's loads (measured: 8 to 64 do alike).
+constexpr int64_t kPrefetchPairs = 32;
 
 // tile[m][p*16 + lane] = sum over k-pairs [kp0, kp1) of x[m] . W[panel p, lane]; bf16 operands.
+// Panel p's k-pair kp lies at w + kp * row_stride + p * 32.
 template <int MT, int NP>
-void tile_bf16(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t panel_stride, int64_t kp0,
+void tile_bf16(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t row_stride, int64_t kp0,
                int64_t kp1, float* tile) {
 #if defined(__AVX512BF16__)
     __m512 acc[MT][NP];
@@ -52,8 +44,8 @@ void tile_bf16(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t panel_
     for (int64_t kp = kp0; kp < kp1; ++kp) {
         __m512bh wv[NP];
         for (int p = 0; p < NP; ++p) {
-            __builtin_prefetch(w + p * panel_stride + (kp + kPrefetchPairs) * 32);
-            wv[p] = (__m512bh)_mm512_load_si512(w + p * panel_stride + kp * 32);
+            __builtin_prefetch(w + (kp + kPrefetchPairs) * row_stride + p * 32);
+            wv[p] = (__m512bh)_mm512_load_si512(w + kp * row_stride + p * 32);
         }
         for (int m = 0; m < MT; ++m) {
             int32_t pair;
@@ -71,7 +63,7 @@ void tile_bf16(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t panel_
         f32x16 w_lo[NP], w_hi[NP];
         for (int p = 0; p < NP; ++p) {
             u32x16 pairs;
-            std::memcpy(&pairs, w + p * panel_stride + kp * 32, sizeof pairs);
+            std::memcpy(&pairs, w + kp * row_stride + p * 32, sizeof pairs);
             w_lo[p] = (f32x16)(pairs << 16);
             w_hi[p] = (f32x16)(pairs & 0xffff0000u);
         }
@@ -90,14 +82,14 @@ void tile_bf16(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t panel_
 #endif
 }
 
-// The same over k in [k0, k1) with f32 operands.
+// The same over k in [k0, k1) with f32 operands; panel p's k lies at w + k * row_stride + p * 16.
 template <int MT, int NP>
-void tile_f32(const float* x, int64_t ldx, const float* w, int64_t panel_stride, int64_t k0, int64_t k1,
+void tile_f32(const float* x, int64_t ldx, const float* w, int64_t row_stride, int64_t k0, int64_t k1,
               float* tile) {
     f32x16 acc[MT][NP] = {};
     for (int64_t k = k0; k < k1; ++k) {
         f32x16 wv[NP];
-        for (int p = 0; p < NP; ++p) std::memcpy(&wv[p], w + p * panel_stride + k * kPanel, sizeof(f32x16));
+        for (int p = 0; p < NP; ++p) std::memcpy(&wv[p], w + k * row_stride + p * kPanel, sizeof(f32x16));
         for (int m = 0; m < MT; ++m) {
             float xv = x[m * ldx + k];
             for (int p = 0; p < NP; ++p) acc[m][p] += xv * wv[p];
@@ -124,10 +116,10 @@ constexpr std::array<TileFn<T>, sizeof...(I)> tile_table(std::integer_sequence<i
 
 // One instantiation per (tokens, panels) shape, so remainders run unrolled too.
 template <class T>
-void run_tile(int64_t mt, int64_t np, const T* x, int64_t ldx, const T* w, int64_t panel_stride, int64_t k0,
+void run_tile(int64_t mt, int64_t np, const T* x, int64_t ldx, const T* w, int64_t row_stride, int64_t k0,
               int64_t k1, float* tile) {
     static constexpr auto table = tile_table<T>(std::make_integer_sequence<int, kMaxTokens * kMaxPanels>{});
-    table[(mt - 1) * kMaxPanels + (np - 1)](x, ldx, w, panel_stride, k0, k1, tile);
+    table[(mt - 1) * kMaxPanels + (np - 1)](x, ldx, w, row_stride, k0, k1, tile);
 }
 
 // The left operand in the kernel's element type: bf16 rows padded to the panels' even k, or f32.
@@ -158,20 +150,22 @@ void for_each_tile(const Tensor& x, const PackedWeight& w, int64_t k_block, Sink
     constexpr int64_t k_unit = std::is_same_v<T, uint16_t> ? 2 : 1;  // bf16 panels step in k-pairs
     int64_t n_in_padded = w.panels.size(1) * k_unit;
     const T* lhs = prepare_lhs<T>(x, n_in_padded);
-    int64_t M = n_rows(x), n_panels = w.panels.size(0), panel_stride = w.panels.strides[0];
-    int64_t group = M == 1 ? kTilePanelsDecode : kTilePanelsPrefill;
-    int64_t n_groups = (n_panels + group - 1) / group;
+    constexpr int64_t unit = std::is_same_v<T, uint16_t> ? kPanel * 2 : kPanel;  // one panel's slice of a k step
+    const int64_t M = n_rows(x), n_panels = (w.n_out + kPanel - 1) / kPanel, row_stride = kGroup * unit;
+    const int64_t group = M == 1 ? kTilePanelsDecode : kTilePanelsPrefill;  // divides kGroup
+    const int64_t n_tiles = (n_panels + group - 1) / group;
     const T* weights = w.panels.data<T>();
 #pragma omp parallel for schedule(static)
-    for (int64_t g = 0; g < n_groups; ++g) {
+    for (int64_t g = 0; g < n_tiles; ++g) {
         int64_t p0 = g * group, np = std::min(group, n_panels - p0);
+        const T* panel0 = weights + (p0 / kGroup) * w.panels.strides[0] + (p0 % kGroup) * unit;
         alignas(64) float tile[kMaxTokens * kMaxPanels * kPanel];
         for (int64_t m0 = 0; m0 < M; m0 += kTileTokens) {
             int64_t mt = std::min(kTileTokens, M - m0);
             for (int64_t k0 = 0; k0 < n_in_padded; k0 += k_block) {
                 int64_t k1 = std::min(k0 + k_block, n_in_padded);
-                run_tile<T>(mt, np, lhs + m0 * n_in_padded, n_in_padded, weights + p0 * panel_stride,
-                            panel_stride, k0 / k_unit, k1 / k_unit, tile);
+                run_tile<T>(mt, np, lhs + m0 * n_in_padded, n_in_padded, panel0, row_stride, k0 / k_unit, k1 / k_unit,
+                            tile);
                 sink(m0, mt, p0, np, tile);
             }
         }
@@ -193,33 +187,36 @@ PackedWeight pack_weight(const Tensor& w, DType dtype) {
     PackedWeight packed;
     packed.n_out = w.size(0);
     packed.n_in = w.size(1);
-    int64_t n_panels = (packed.n_out + kPanel - 1) / kPanel;
+    int64_t n_panels = (packed.n_out + kPanel - 1) / kPanel, n_groups = (n_panels + kGroup - 1) / kGroup;
     if (dtype == DType::BF16) {
         int64_t k_pairs = (packed.n_in + 1) / 2;
-        packed.panels = Tensor::zeros({n_panels, k_pairs, kPanel, 2}, DType::BF16);
+        packed.panels = Tensor::zeros({n_groups, k_pairs, kGroup, kPanel, 2}, DType::BF16);
     } else {
-        packed.panels = Tensor::zeros({n_panels, packed.n_in, kPanel}, DType::F32);
+        packed.panels = Tensor::zeros({n_groups, packed.n_in, kGroup, kPanel}, DType::F32);
     }
     prefer_huge_pages(packed.panels);
 #pragma omp parallel for schedule(static)
     for (int64_t p = 0; p < n_panels; ++p) {
         std::vector<float> row(packed.n_in);
+        const int64_t group_offset = (p / kGroup) * packed.panels.strides[0];
         for (int64_t lane = 0; lane < kPanel && p * kPanel + lane < packed.n_out; ++lane) {
             int64_t r = p * kPanel + lane;
             if (dtype == DType::BF16) {
-                uint16_t* dst = packed.panels.data<uint16_t>() + p * packed.panels.strides[0];
+                // element (r, k) sits at [group][k / 2][p % kGroup][lane][k % 2]
+                uint16_t* dst = packed.panels.data<uint16_t>() + group_offset + (p % kGroup) * kPanel * 2 + lane * 2;
+                auto at = [&](int64_t k) -> uint16_t& { return dst[(k / 2) * kGroup * kPanel * 2 + k % 2]; };
                 if (w.dtype == DType::BF16) {  // copy the bits: no double rounding
                     auto src = reinterpret_cast<const uint16_t*>(w.row(r));
-                    for (int64_t k = 0; k < packed.n_in; ++k) dst[(k / 2) * 32 + lane * 2 + k % 2] = src[k];
+                    for (int64_t k = 0; k < packed.n_in; ++k) at(k) = src[k];
                 } else {
                     to_f32(row.data(), w.row(r), w.dtype, packed.n_in);
-                    for (int64_t k = 0; k < packed.n_in; ++k)
-                        dst[(k / 2) * 32 + lane * 2 + k % 2] = f32_to_bf16(row[k]);
+                    for (int64_t k = 0; k < packed.n_in; ++k) at(k) = f32_to_bf16(row[k]);
                 }
             } else {
-                float* dst = packed.panels.data<float>() + p * packed.panels.strides[0];
+                // element (r, k) sits at [group][k][p % kGroup][lane]
+                float* dst = packed.panels.data<float>() + group_offset + (p % kGroup) * kPanel + lane;
                 to_f32(row.data(), w.row(r), w.dtype, packed.n_in);
-                for (int64_t k = 0; k < packed.n_in; ++k) dst[k * kPanel + lane] = row[k];
+                for (int64_t k = 0; k < packed.n_in; ++k) dst[k * kGroup * kPanel] = row[k];
             }
         }
     }
