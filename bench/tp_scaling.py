@@ -31,6 +31,12 @@ def mpiexec(n: int, extra: list[str], *args) -> str:
     return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
 
 
+def memory_bandwidth(processes: int) -> str:
+    """bench/membw.py's line: what the memory delivers right now to 1 and to N streaming processes."""
+    return subprocess.run([sys.executable, HERE / "membw.py", str(processes)], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
 def decode_run(n, model, tokens, repetitions, reduction, extra) -> dict:
     lines = [json.loads(line) for line in mpiexec(n, extra, HERE / "mpi_decode.py", model, PROMPT, tokens,
                                                   repetitions + 1, reduction).splitlines() if line.startswith("{")]
@@ -50,6 +56,7 @@ def main():
     args = p.parse_args()
     folder = resolve_model(args.model)
     config = ModelConfig.from_file(folder / "config.json")
+    bandwidth = memory_bandwidth(max(args.ranks))
     rows, records, base = [], [], None
     runs = [(n, reduction, "shared memory", []) for n in args.ranks for reduction in ("exact", "fast")]
     if 2 in args.ranks:
@@ -64,6 +71,7 @@ def main():
         records.append({"ranks": n, "reduction": reduction, "transport": transport, **result, "collectives_us": comm})
     print(f"Machine: {machine()}; model {args.model} ({folder.name}); 1 thread per rank; greedy, {args.tokens} new "
           f"tokens; medians of {args.repetitions}")
+    print(f"Before: {bandwidth}. After: {memory_bandwidth(max(args.ranks))}.")
     print(table(["ranks", "reduction", "transport", "decode tok/s", "speed-up vs 1 rank", "weights/rank MiB",
                  "RSS/rank MiB", "collectives us/token", "% of token time"], rows))
     same = {json.dumps(r["tokens"]) for r in records if r["reduction"] == "exact"}

@@ -1,0 +1,46 @@
+"""This machine's memory read bandwidth right now, with 1 and with N processes streaming at once.
+
+Decode speed is bound by it, and on a shared VM it drifts: the scaling benchmarks print it beside
+their tables, so that a ratio can be read against what the memory allowed at the time.
+
+    python bench/membw.py N      (prints one line)
+"""
+import os
+
+os.environ["OPENBLAS_NUM_THREADS"] = "1"  # one core per process: before numpy loads OpenBLAS
+
+import multiprocessing as mp  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+ELEMENTS = 1 << 26  # two float32 arrays of 256 MiB per process: far beyond the caches
+
+
+def _stream(barrier, seconds, out):
+    a, b = np.ones(ELEMENTS, np.float32), np.ones(ELEMENTS, np.float32)
+    np.dot(a, b)  # touch the pages first
+    barrier.wait()
+    start, reads = time.perf_counter(), 0
+    while time.perf_counter() - start < seconds:
+        np.dot(a, b)  # a BLAS dot product streams both arrays at the memory's pace
+        reads += 1
+    out.put(reads * (a.nbytes + b.nbytes) / (time.perf_counter() - start))
+
+
+def read_bandwidth(processes: int, seconds: float = 1.0) -> float:
+    """Total GB/s that `processes` processes read while streaming at the same time."""
+    barrier, out = mp.Barrier(processes), mp.Queue()
+    workers = [mp.Process(target=_stream, args=(barrier, seconds, out)) for _ in range(processes)]
+    for w in workers:
+        w.start()
+    total = sum(out.get() for _ in workers)
+    for w in workers:
+        w.join()
+    return total / 1e9
+
+
+if __name__ == "__main__":
+    n = int(sys.argv[1]) if len(sys.argv) > 1 else 2
+    print(f"read bandwidth now: {read_bandwidth(1):.0f} GB/s with 1 process, {read_bandwidth(n):.0f} GB/s with {n}")
