@@ -32,10 +32,10 @@ def bare_mpiexec(ranks: int, tokens: int, repetitions: int) -> list[dict]:
 
 def in_engines(prompt: str, tokens: int) -> float:
     """Runs on the engines: the same reply with the loaded engine, without streaming to a client."""
-    from llaisys_chat import worker
+    from llaisys_chat.engine import worker
     from llaisys_chat.generate import generate
 
-    engine = worker._state["engine"]
+    engine = worker.loaded_engine()
     engine.drop_cache("default")
     return generate(prompt, engine=engine, max_new_tokens=tokens).stats.decode_tokens_per_s
 

@@ -18,8 +18,8 @@ from common import machine, table  # noqa: E402
 from llama_cpp import llama_bench, same_weights_gguf  # noqa: E402
 
 from llaisys_chat import _native  # noqa: E402
-from llaisys_chat.demo import demo_gguf  # noqa: E402
 from llaisys_chat.engine import Engine  # noqa: E402
+from llaisys_chat.model.demo import demo_gguf  # noqa: E402
 
 
 def our_speeds(threads: int, n_prompt: int, n_decode: int, repetitions: int) -> tuple[float, float]:

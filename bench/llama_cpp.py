@@ -10,7 +10,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from llaisys_chat.cache import cache_home, exclusive
+from llaisys_chat.model.cache import cache_home, exclusive
 
 VERSION = "0.3.36"
 

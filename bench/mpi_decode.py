@@ -6,8 +6,8 @@ with its stats and every rank's memory, so that other benchmarks can compare aga
 import json
 import sys
 
-from llaisys_chat.comm import default_group
 from llaisys_chat.engine import Engine
+from llaisys_chat.engine.collectives import default_group
 from llaisys_chat.generate import generate
 
 model, prompt, max_new_tokens, repetitions = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from llaisys_chat.checkpoint import expected_shapes
-from llaisys_chat.config import ModelConfig
-from llaisys_chat.gguf_convert import SHARD_BYTES, save_safetensors
+from llaisys_chat.model.config import ModelConfig
+from llaisys_chat.model.gguf_convert import SHARD_BYTES, save_safetensors
+from llaisys_chat.model.weights import model_weights
 
 COPIED = ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json")
 
@@ -34,9 +34,7 @@ def make_random_model(source: Path, out: Path, seed: int = 0) -> Path:
             shutil.copy(source / name, out / name)
     config = ModelConfig.from_file(out / "config.json")
     rng = np.random.default_rng(seed)
-    shapes = expected_shapes(config)
-    if config.tie_word_embeddings:
-        del shapes["lm_head.weight"]
+    shapes = {w.hf_name: w.shape(config) for w in model_weights(config)}
     shards, current, size = [], {}, 0
     for name, shape in shapes.items():
         current[name] = np.full(shape, 0x3F80, np.uint16) if name.endswith("norm.weight") else random_bf16(shape, rng)

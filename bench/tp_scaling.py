@@ -17,8 +17,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, table  # noqa: E402
 
-from llaisys_chat.config import ModelConfig  # noqa: E402
-from llaisys_chat.model_files import resolve_model  # noqa: E402
+from llaisys_chat.model.config import ModelConfig  # noqa: E402
+from llaisys_chat.model.files import resolve_model  # noqa: E402
 
 HERE = Path(__file__).parent
 PROMPT = "Write a long, detailed essay about the history of parallel computing."

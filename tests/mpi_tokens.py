@@ -6,8 +6,8 @@ argv[1] is {"model": ..., "reduction": "exact"|"fast", "runs": [generate() keywo
 import json
 import sys
 
-from llaisys_chat.comm import default_group
 from llaisys_chat.engine import Engine
+from llaisys_chat.engine.collectives import default_group
 from llaisys_chat.generate import generate
 
 spec = json.loads(sys.argv[1])

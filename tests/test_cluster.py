@@ -171,10 +171,10 @@ def test_a_killed_engine_gives_an_error_then_restart_recovers(chat):
 def test_a_rank_that_raises_mid_reply_gives_an_error_at_once(chat):
     """Rank 1 fails while rank 0 waits for it in a collective: the client must not wait too."""
     code = ("from mpi4py import MPI\n"
-            "from llaisys_chat import worker\n"
+            "from llaisys_chat.engine import worker\n"
             "if MPI.COMM_WORLD.Get_rank() == 1:\n"
-            "    worker._state['engine'].model = None\n")
-    chat._client[chat._client.ids].execute(code, block=True)
+            "    worker.loaded_engine().model = None\n")
+    chat.run_on_ranks(exec, code)
     started = time.monotonic()
     with pytest.raises(LlaisysError, match="rank 1: engine error: AttributeError"):
         chat.generate(PROMPT, max_new_tokens=20)

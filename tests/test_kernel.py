@@ -7,7 +7,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from conftest import iopub_until_idle
+from conftest import iopub_until_idle, shell_reply
 from jupyter_client.manager import KernelManager
 from nbclient import NotebookClient
 
@@ -47,7 +47,7 @@ def kernel(kernel_spec):
 def execute(client, code: str, timeout: float = 300):
     """(reply content, list of (msg_type, content) published for it until idle)."""
     msg_id = client.execute(code)
-    reply = client.get_shell_msg(timeout=timeout)
+    reply = shell_reply(client, msg_id, timeout)
     return reply["content"], iopub_until_idle(client, msg_id)
 
 
@@ -57,15 +57,11 @@ def result_text(messages) -> str:
 
 def test_kernel_info_completion_and_is_complete(kernel):
     _, client = kernel
-    client.kernel_info()
-    info = client.get_shell_msg(timeout=30)["content"]
+    info = shell_reply(client, client.kernel_info())["content"]
     assert info["language_info"]["name"] == "markdown" and info["implementation"] == "llaisys-chat"
-    client.complete("/se", 3)
-    assert client.get_shell_msg(timeout=30)["content"]["matches"] == ["/set"]
-    client.complete("/set top", 8)
-    assert client.get_shell_msg(timeout=30)["content"]["matches"] == ["top_k", "top_p"]
-    client.is_complete("anything at all")
-    assert client.get_shell_msg(timeout=30)["content"]["status"] == "complete"
+    assert shell_reply(client, client.complete("/se", 3))["content"]["matches"] == ["/set"]
+    assert shell_reply(client, client.complete("/set top", 8))["content"]["matches"] == ["top_k", "top_p"]
+    assert shell_reply(client, client.is_complete("anything at all"))["content"]["status"] == "complete"
 
 
 def test_two_turns_stream_and_remember(kernel):
@@ -102,7 +98,7 @@ def test_interrupt_keeps_the_partial_reply_and_the_next_turn_works(kernel):
         if msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "stream":
             pieces += 1
     manager.interrupt_kernel()
-    reply = client.get_shell_msg(timeout=60)["content"]
+    reply = shell_reply(client, msg_id)["content"]
     assert reply["status"] == "ok"
     messages = iopub_until_idle(client, msg_id)
     markdown = "".join(c["data"]["text/markdown"] for k, c in messages if k == "execute_result")

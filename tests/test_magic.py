@@ -1,12 +1,12 @@
 """%%llaisys and %llaisys: through an IPython shell, and in a real Jupyter kernel (interrupt included)."""
 import pytest
-from conftest import iopub_until_idle
+from conftest import iopub_until_idle, shell_reply
 from IPython.core.error import UsageError
 from IPython.testing.globalipapp import start_ipython
 from IPython.utils.capture import capture_output
 
-from llaisys_chat.magic import expand
-from llaisys_chat.messages import reply_markdown
+from llaisys_chat.frontends.magic import expand
+from llaisys_chat.protocol.messages import reply_markdown
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +106,7 @@ def test_interrupting_a_real_kernel_stops_the_reply_and_the_next_cell_works(runn
             if msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "stream":
                 pieces.append(msg["content"]["text"])
         manager.interrupt_kernel()
-        reply = kernel.get_shell_msg(timeout=60)
+        reply = shell_reply(kernel, msg_id)
         assert reply["content"]["status"] == "ok"  # no traceback: the magic handled the stop
         outputs = collect(kernel, msg_id)
         assert "[stopped]" in outputs and "text/markdown" in outputs
@@ -122,7 +122,7 @@ def test_interrupting_a_real_kernel_stops_the_reply_and_the_next_cell_works(runn
 def run(kernel, code: str, timeout: float) -> str:
     """Execute code; return its stream text and displayed Markdown/plain text."""
     msg_id = kernel.execute(code)
-    reply = kernel.get_shell_msg(timeout=timeout)
+    reply = shell_reply(kernel, msg_id, timeout)
     assert reply["content"]["status"] == "ok", reply["content"]
     return collect(kernel, msg_id)
 

@@ -8,7 +8,7 @@ from tiny import load_weights_f64
 
 from llaisys_chat.engine import Engine
 from llaisys_chat.errors import LlaisysError
-from llaisys_chat.sampling import SamplingParams
+from llaisys_chat.protocol.sampling import SamplingParams
 
 SHAPES = [
     dict(layers=2, hidden=32, heads=4, kv_heads=2, ffn=64),                 # GQA, untied

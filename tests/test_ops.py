@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from llaisys_chat import _native
-from llaisys_chat.gguf_convert import to_bf16_bits
+from llaisys_chat.model.gguf_convert import to_bf16_bits
 
 DTYPES = ["f32", "f16", "bf16"]
 # Relative tolerance of a result stored in each dtype (a few units of its last place).
@@ -55,7 +55,7 @@ def test_embedding(dtype, vocab, dim, vocab_begin):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("pack", ["bf16", "f32"])
+@pytest.mark.parametrize("pack", [_native.DType.BF16, _native.DType.F32], ids=["bf16", "f32"])
 @pytest.mark.parametrize("M,K,N", [(1, 16, 16), (3, 40, 37), (9, 64, 100), (17, 130, 33), (1, 7, 5)])
 def test_linear(dtype, pack, M, K, N):
     r = rng(M * K + N)
@@ -65,12 +65,12 @@ def test_linear(dtype, pack, M, K, N):
     out = empty((M, N), dtype)
     _native.linear(out, x, _native.pack_weight(w, pack), b)
     # bf16 panels multiply bf16 operands: the reference rounds x and W the same way.
-    rounded = (lambda a: values(to_bf16_bits(values(a).astype(np.float32)))) if pack == "bf16" else values
+    rounded = (lambda a: values(to_bf16_bits(values(a).astype(np.float32)))) if pack == _native.DType.BF16 else values
     expected = rounded(x) @ rounded(w).T + values(b)
     assert_close(out, expected, dtype, scale=np.sqrt(K) + np.abs(expected).max())
 
 
-@pytest.mark.parametrize("pack", ["bf16", "f32"])
+@pytest.mark.parametrize("pack", [_native.DType.BF16, _native.DType.F32], ids=["bf16", "f32"])
 @pytest.mark.parametrize("M,K,N,block", [(1, 64, 48, 16), (5, 128, 33, 32), (12, 96, 20, 8)])
 def test_linear_fixed_is_exact_over_any_split(pack, M, K, N, block):
     r = rng(K)
@@ -88,7 +88,7 @@ def test_linear_fixed_is_exact_over_any_split(pack, M, K, N, block):
         assert np.array_equal(parts, whole)
     result = np.zeros((M, N), np.float32)
     _native.from_fixed(result, whole)
-    rounded = (lambda a: values(to_bf16_bits(a))) if pack == "bf16" else values
+    rounded = (lambda a: values(to_bf16_bits(a))) if pack == _native.DType.BF16 else values
     expected = rounded(x) @ rounded(w).T
     assert np.abs(result - expected).max() < 1e-4 * np.sqrt(K)
 
@@ -199,4 +199,4 @@ def test_gumbel_noise_is_keyed_not_sequential():
 
 def test_invariant_violation_raises_with_file_and_line():
     with pytest.raises(RuntimeError, match=r"linear\.cpp:\d+: linear: x has the wrong number of columns"):
-        _native.linear(np.zeros((1, 3), np.float32), np.zeros((1, 5), np.float32), _native.pack_weight(np.zeros((3, 4), np.float32), "f32"))
+        _native.linear(np.zeros((1, 3), np.float32), np.zeros((1, 5), np.float32), _native.pack_weight(np.zeros((3, 4), np.float32), _native.DType.F32))

@@ -2,10 +2,10 @@
 import numpy as np
 import pytest
 
-from llaisys_chat.chat_format import ChatFormat
-from llaisys_chat.demo import demo_gguf
 from llaisys_chat.engine import Engine
 from llaisys_chat.generate import generate
+from llaisys_chat.model.chat_format import ChatFormat
+from llaisys_chat.model.demo import demo_gguf
 
 torch = pytest.importorskip("torch", reason="the test extra (torch, transformers) is not installed")
 transformers = pytest.importorskip("transformers")

@@ -13,7 +13,7 @@ from prompt_toolkit.history import InMemoryHistory
 from prompt_toolkit.input import create_pipe_input
 from prompt_toolkit.output.plain_text import PlainTextOutput
 
-from llaisys_chat.commands import CommandCompleter, Commands
+from llaisys_chat.frontends.commands import CommandCompleter, Commands
 from llaisys_chat.repl import Repl
 
 CHAT = Path(sys.executable).parent / "llaisys-chat"
@@ -162,8 +162,8 @@ def test_real_terminal_session(running_cluster):
 
 
 def test_replies_of_templates_that_open_reasoning_render_as_reasoning():
-    from llaisys_chat.messages import opens_reasoning
-    from llaisys_chat.render import StreamRenderer
+    from llaisys_chat.frontends.render import StreamRenderer
+    from llaisys_chat.protocol.messages import opens_reasoning
 
     assert opens_reasoning("<|im_start|>assistant\n<think>\n") and not opens_reasoning("<think>a</think>\nok")
     fragments = []

@@ -2,9 +2,10 @@
 import numpy as np
 import pytest
 
-from llaisys_chat.comm import SingleProcess
+from llaisys_chat.engine.collectives import SingleProcess
+from llaisys_chat.engine.sampling import STOP, choose_token
 from llaisys_chat.errors import LlaisysError
-from llaisys_chat.sampling import STOP, SamplingParams, choose_token
+from llaisys_chat.protocol.sampling import SamplingParams
 
 # Chi-square critical values at significance 0.001, by degrees of freedom.
 CRITICAL = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52, 6: 22.46, 7: 24.32, 8: 26.12, 9: 27.88, 10: 29.59, 11: 31.26}

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 from conftest import mpiexec
 
-from llaisys_chat.checkpoint import Checkpoint
-from llaisys_chat.config import ModelConfig
 from llaisys_chat.engine import Engine
+from llaisys_chat.engine.shard_plan import ShardPlan, split
 from llaisys_chat.errors import LlaisysError
 from llaisys_chat.generate import generate
-from llaisys_chat.tp import ShardPlan, split
+from llaisys_chat.model.checkpoint import Checkpoint
+from llaisys_chat.model.config import ModelConfig
 
 SCRIPT = Path(__file__).parent / "mpi_tokens.py"
 PROMPTS = ["Write a haiku about MPI.", "用一句话介绍你自己。"]
@@ -55,21 +55,19 @@ def test_shards_reassemble_to_the_full_weights(tiny_models, layout, n):
     plans = [ShardPlan.for_rank(config, r, n) for r in range(n)]
     shards = [p.slice_weights(checkpoint, config) for p in plans]
     hd = config.head_dim
-    for name in checkpoint.names():
-        full = np.asarray(checkpoint[name])
-        kind = name.split(".")[-2]
-        if kind in ("k_proj", "v_proj"):  # replicated when ranks share a KV head: take each head once
+    for weight in shards[0]:
+        full, parts, split_ = np.asarray(checkpoint[weight.hf_name]), [s[weight] for s in shards], weight.spec.split
+        if split_.axis is None:
+            assert all(np.array_equal(part, full) for part in parts), weight.hf_name
+        elif split_.over == "kv_head":  # replicated when ranks share a KV head: take each head once
             rows = {}
-            for p, s in zip(plans, shards):
+            for p, part in zip(plans, parts):
                 for kv in range(p.kv_begin, p.kv_end):
-                    rows[kv] = s[name][(kv - p.kv_begin) * hd:(kv - p.kv_begin + 1) * hd]
-            assert np.array_equal(np.concatenate([rows[k] for k in sorted(rows)]), full), name
-        elif kind in ("o_proj", "down_proj"):
-            assert np.array_equal(np.concatenate([s[name] for s in shards], axis=1), full), name
-        elif name == "lm_head.weight" or kind in ("q_proj", "gate_proj", "up_proj", "embed_tokens"):
-            assert np.array_equal(np.concatenate([s[name] for s in shards]), full), name
+                    rows[kv] = part[(kv - p.kv_begin) * hd:(kv - p.kv_begin + 1) * hd]
+            assert np.array_equal(np.concatenate([rows[k] for k in sorted(rows)]), full), weight.hf_name
         else:
-            assert all(np.array_equal(s[name], full) for s in shards), name
+            assert np.array_equal(np.concatenate(parts, axis=split_.axis), full), weight.hf_name
+    assert {w.hf_name for w in shards[0]} == set(checkpoint.names()) - ({"lm_head.weight"} if config.tie_word_embeddings else set())
     # Every query head reads a key/value head its rank holds.
     group = config.num_attention_heads // config.num_key_value_heads
     for p in plans:
@@ -121,7 +119,7 @@ def test_fast_reduction_also_runs(tiny_models):
 def test_a_rank_that_fails_to_load_stops_every_rank(tiny_models, tmp_path):
     good = tiny_models(**TINY_LAYOUTS[0])
     code = ("import sys\n"
-            "from llaisys_chat.comm import default_group\n"
+            "from llaisys_chat.engine.collectives import default_group\n"
             "from llaisys_chat.engine import Engine\n"
             "from llaisys_chat.errors import LlaisysError\n"
             "g = default_group()\n"

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-from llaisys_chat.gguf_convert import save_safetensors, to_bf16_bits
+from llaisys_chat.model.gguf_convert import save_safetensors, to_bf16_bits
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
@@ -87,7 +87,7 @@ def write_tiny_model(folder: Path, *, layers=2, hidden=32, heads=4, kv_heads=2, 
 
 def load_weights_f64(folder: Path) -> dict[str, np.ndarray]:
     """The stored weights of a tiny model as float64 (bf16 bits widened)."""
-    from llaisys_chat.checkpoint import Checkpoint
+    from llaisys_chat.model.checkpoint import Checkpoint
 
     checkpoint = Checkpoint(folder)
     out = {}

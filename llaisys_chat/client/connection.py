@@ -1,0 +1,125 @@
+"""ClusterClient: a model loaded across the ranks of one cluster, and replies from it.
+
+Every call runs the engine worker's functions on all ranks at once (ranks.py). Tokens do not travel
+through ipyparallel: rank 0 connects to a socket this client listens on (stream_link.py), sends text
+pieces over it and reads stop requests from it, so streaming costs microseconds per token.
+"""
+import os
+import socket
+
+from ..model.files import resolve_model, weight_dtype
+from ..protocol.messages import build_messages
+from ..protocol.request import MAX_NEW_TOKENS, ReplyRequest
+from ..protocol.sampling import SamplingParams
+from .reply_stream import ReplyStream
+from .stream_link import StreamLink
+
+LOAD_TIMEOUT = 1800.0  # a first load may download and convert the model
+
+
+class ClusterClient:
+    """A model loaded across the engines of one cluster: generate replies, inspect, restart."""
+
+    def __init__(self, ranks, *, token_timeout: float, say):
+        self._ranks, self.token_timeout, self._say = ranks, token_timeout, say
+        self.spec: dict | None = None
+        self._link: StreamLink | None = None  # where rank 0 streams to (made on the first reply)
+
+    @property
+    def n_ranks(self) -> int:
+        """Number of MPI ranks (engines) sharing the model."""
+        return len(self._ranks.ranks)
+
+    def load(self, model: str | None = "demo", **engine_options) -> dict:
+        """Load `model` on every rank unless the engines already hold it with these options."""
+        held = self._on_ranks("loaded_spec")[0]
+        if model is None:
+            if held is not None and not engine_options:
+                self.spec = held
+                return self.info()
+            model = held["model"] if held else "demo"
+        spec = {"model": str(model), **engine_options}
+        if held != spec:
+            if self._ranks.local:
+                # Download/convert here, where progress shows; the engines then find the files ready.
+                resolve_model(model, dtype=weight_dtype(engine_options.get("compute", "auto")))
+            self._say(f"loading {model} on {self.n_ranks} ranks...")
+        results = self._on_ranks("load", spec, timeout=LOAD_TIMEOUT)
+        self.spec = spec
+        if results[0]["loaded_now"]:
+            self._say(f"{model} loaded ({results[0]['max_context']} tokens of context)")
+        return self._summary(results)
+
+    def generate(self, prompt_or_messages, *, max_new_tokens: int = MAX_NEW_TOKENS, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, seed: int | None = None, stop=(), stream: bool = False, system: str | None = None,
+                 session_key: str = "default"):
+        """A reply to a prompt string or a message list: a Reply, or with stream=True a ReplyStream
+        that yields text pieces as the engines produce them. Defaults are greedy."""
+        if isinstance(prompt_or_messages, str):
+            messages = build_messages(prompt_or_messages, system)
+        else:
+            messages = build_messages(None, system, prompt_or_messages)
+        request = ReplyRequest(messages, SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed),
+                               int(max_new_tokens), (stop,) if isinstance(stop, str) else tuple(stop), session_key)
+        reply_stream = ReplyStream(request, self._ranks, self._stream_link(), self.token_timeout)
+        if stream:
+            return reply_stream
+        for _ in reply_stream:
+            pass
+        return reply_stream.reply
+
+    def drop_session(self, key: str) -> None:
+        """Free a conversation's cache on the engines."""
+        self._on_ranks("drop_session", key)
+
+    def info(self) -> dict:
+        """Model, ranks, context size and per-rank memory."""
+        return self._summary(self._on_ranks("info"))
+
+    def run_on_ranks(self, fn, *args, timeout: float | None = None) -> list:
+        """fn(*args) on every rank at once (a collective, if fn is one); results in rank order.
+        Errors become one-line LlaisysErrors; for diagnostics and benchmarks."""
+        return self._ranks.wait(self._ranks.call(fn, *args), timeout)
+
+    def restart(self) -> None:
+        """Restart the engines (e.g. after one died or failed) and load the model again."""
+        self._say("restarting the engines...")
+        self._ranks.restart()
+        if self._link is not None:  # the new rank 0 connects anew
+            self._link.drop_connection()
+        spec, self.spec = self.spec, None
+        if spec is not None:
+            self.load(**spec)
+
+    def close(self) -> None:
+        """Disconnect; stop the cluster too if this client started it."""
+        if self._link is not None:
+            self._link.close()
+            self._link = None
+        self._ranks.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _on_ranks(self, function: str, *args, timeout: float | None = None) -> list:
+        """The engine worker's function(*args) on every rank; results in rank order."""
+        return self._ranks.wait(self._ranks.call_worker(function, *args), timeout)
+
+    def _stream_link(self) -> StreamLink:
+        if self._link is None:
+            advertised = None if self._ranks.local else (
+                os.environ.get("LLAISYS_CLIENT_IP") or socket.gethostbyname(socket.gethostname()))
+            self._link = StreamLink(self._ranks.local, advertised)
+        return self._link
+
+    def _summary(self, per_rank: list[dict]) -> dict:
+        first, ranks = per_rank[0], self._ranks.ranks
+        return {"model": self.spec["model"] if self.spec else first["model"], "folder": first["model"],
+                "ranks": self.n_ranks, "max_context": first["max_context"], "compute": first["compute"],
+                "threads_per_rank": first["threads"], "hosts": sorted({r["host"] for r in ranks}),
+                "per_rank": [{"rank": r["rank"], "host": r["host"], "pid": r["pid"], "rss_bytes": i["rss_bytes"],
+                              "weight_bytes": i["weight_bytes"], "cache_bytes": i["cache_bytes"], "shard": i["shard"]}
+                             for r, i in zip(ranks, per_rank)]}

@@ -1,0 +1,82 @@
+"""Finding the running ipyparallel cluster, or starting a local one whose engines are MPI ranks."""
+import os
+import sys
+from pathlib import Path
+
+from ..errors import LlaisysError
+from .ranks import EngineRanks, pid_alive
+
+
+def open_ranks(profile: str | None = None, cluster_id: str | None = None, n: int | None = None, *,
+               connection_file: str | None = None, start: bool = True, timeout: float, say) -> EngineRanks:
+    """The ranks of the cluster picked by profile / cluster_id / connection_file (default: ipcluster's
+    default profile). With none running and start=True, a local one of n MPI engines (default: one
+    per core) is started, and stopped again when the ranks are closed."""
+    import ipyparallel as ipp
+
+    if connection_file is not None:
+        if not Path(connection_file).exists():
+            raise LlaisysError(f"{connection_file}: connection file not found")
+        return EngineRanks(ipp.Client(connection_file), timeout=timeout)
+    cluster, owned = _running_cluster(profile, cluster_id), False
+    if cluster is None:
+        if not start:
+            raise LlaisysError(f"no cluster is running for profile {profile or 'default'!r}")
+        n = n or len(os.sched_getaffinity(0))
+        say(f"no cluster running; starting one with {n} MPI engines on this machine")
+        cluster, owned = _start_cluster(profile, cluster_id, n, timeout), True
+    try:
+        client = cluster.connect_client_sync()
+    except Exception as e:
+        _stop_if_owned(cluster, owned)
+        raise LlaisysError(f"cannot connect to the cluster ({e})") from None
+    try:
+        return EngineRanks(client, cluster, owned, timeout=timeout)
+    except BaseException:
+        client.close()
+        _stop_if_owned(cluster, owned)
+        raise
+
+
+def _stop_if_owned(cluster, owned: bool) -> None:
+    """Stop a cluster that this process started (after a failed connect)."""
+    if owned:
+        cluster.stop_cluster_sync()
+
+
+def _running_cluster(profile, cluster_id):
+    """The cluster ipcluster (or an earlier llaisys client) left a file for, if it is still alive."""
+    import ipyparallel as ipp
+
+    try:
+        cluster = ipp.Cluster.from_file(profile=profile or "default", cluster_id=cluster_id or "", log_level=40)
+    except FileNotFoundError:
+        return None
+    pid = getattr(cluster.controller, "pid", None) if cluster.controller is not None else None
+    if pid is not None and not pid_alive(pid):
+        return None  # a stale file from a cluster that is gone
+    return cluster
+
+
+def _start_cluster(profile, cluster_id, n: int, timeout: float):
+    """A local cluster of n engines launched by mpiexec, stopped when this process exits."""
+    import ipyparallel as ipp
+    from traitlets.config import Config
+
+    config = Config()
+    venv_mpiexec = Path(sys.executable).parent / "mpiexec"
+    config.MPILauncher.mpi_cmd = [str(venv_mpiexec) if venv_mpiexec.exists() else "mpiexec"]
+    args = []
+    if os.geteuid() == 0:
+        args.append("--allow-run-as-root")
+    if n > len(os.sched_getaffinity(0)):
+        args.append("--oversubscribe")
+    config.MPILauncher.mpi_args = args
+    cluster = ipp.Cluster(engines="mpi", n=n, profile=profile or "default", cluster_id=cluster_id or "",
+                          controller_args=["--HeartMonitor.period=500"], config=config, log_level=40,
+                          engine_timeout=timeout)
+    try:
+        cluster.start_cluster_sync()
+    except Exception as e:
+        raise LlaisysError(f"could not start a cluster ({e})") from None
+    return cluster

@@ -1,0 +1,190 @@
+"""The cluster's engines as the MPI ranks of one model: who they are, calls to all of them at once,
+signals, restarts, and their errors turned into one-line LlaisysErrors.
+
+The client names the engine worker's functions (engine/worker.py) instead of importing them: the
+worker is imported on the engines only, so the user's process never loads the engine.
+"""
+import importlib
+import os
+import signal
+import socket
+import time
+
+from ..errors import LlaisysError
+
+WORKER_MODULE = "llaisys_chat.engine.worker"
+POLL_SECONDS = 0.05  # how often a waiting client checks that the engines are alive
+
+
+def call_worker(function: str, *args):
+    """Runs on an engine: the worker's `function(*args)`."""
+    return getattr(importlib.import_module(WORKER_MODULE), function)(*args)
+
+
+class EngineRanks:
+    """The engines of an ipyparallel cluster, checked to be the ranks of one MPI communicator."""
+
+    def __init__(self, client, cluster=None, owned: bool = False, *, timeout: float):
+        self._client, self._cluster, self._owned = client, cluster, owned
+        self.timeout = timeout
+        self.ranks = self._discover()  # per rank: rank, size, host, pid, engine (ipyparallel id)
+
+    @property
+    def local(self) -> bool:
+        """Whether every rank runs on this machine."""
+        return all(r["host"] == socket.gethostname() for r in self.ranks)
+
+    def call(self, fn, *args) -> "RankCall":
+        """Start fn(*args) on every rank at once."""
+        return RankCall(self, [self._client[r["engine"]].apply_async(fn, *args) for r in self.ranks])
+
+    def call_worker(self, function: str, *args) -> "RankCall":
+        """Start the engine worker's `function(*args)` on every rank at once."""
+        return self.call(call_worker, function, *args)
+
+    def wait(self, call: "RankCall", timeout: float | None = None) -> list:
+        """The call's results in rank order. While waiting, a failed rank or a dead engine raises at once."""
+        timeout = timeout or self.timeout
+        deadline = time.monotonic() + timeout
+        while not call.ready():
+            self.check(call)
+            if time.monotonic() > deadline:
+                raise LlaisysError(f"the engines did not answer within {timeout:.0f} s")
+            call.wait(POLL_SECONDS)
+        return call.get(0)
+
+    def check(self, call: "RankCall") -> None:
+        """Raise if a rank's part of the call failed, or an engine died: the other ranks may then be
+        waiting in a collective for it, so this cannot wait for the whole call to end."""
+        call.raise_if_failed()
+        here = socket.gethostname()  # engines elsewhere are watched by the controller's heartbeat
+        for r in self.ranks:
+            if r["host"] == here and not pid_alive(r["pid"]):
+                raise LlaisysError(f"engine rank {r['rank']} (pid {r['pid']}) died; call restart() to start the "
+                                   f"engines again and reload the model")
+
+    def interrupt_rank0(self) -> None:
+        """SIGUSR1 to rank 0, which the worker turns into a stop at the next step."""
+        self._client.send_signal(signal.SIGUSR1, targets=[self.ranks[0]["engine"]], block=False)
+
+    def restart(self) -> None:
+        """Restart the engines through the cluster's launcher and wait for the new ranks."""
+        if self._cluster is None:
+            raise LlaisysError("restart needs a cluster started by ipcluster or by llaisys (not a bare connection file)")
+        old_pids = {r["pid"] for r in self.ranks}
+        try:
+            self._cluster.restart_engines_sync()
+        except Exception as e:
+            raise LlaisysError(f"could not restart the engines ({e})") from None
+        # The controller notices the old engines' end by heartbeat: until then they still look registered.
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                ranks = self._discover()
+                if not {r["pid"] for r in ranks} & old_pids:
+                    break
+            except LlaisysError:
+                pass
+            if time.monotonic() > deadline:
+                raise LlaisysError(f"the restarted engines did not register within {self.timeout:.0f} s")
+            time.sleep(0.5)
+        self.ranks = ranks
+
+    def close(self) -> None:
+        """Disconnect; stop the cluster too if it was started for these ranks."""
+        self._client.close()
+        if self._owned:
+            self._cluster.stop_cluster_sync()
+            self._owned = False
+
+    def _discover(self) -> list[dict]:
+        """Wait for the engines and check that they are the ranks of one MPI communicator."""
+        expected = sum(es.n for es in self._cluster.engines.values()) if self._cluster is not None else 0
+        try:
+            self._client.wait_for_engines(expected or 1, timeout=self.timeout, interactive=False)
+        except TimeoutError:
+            raise LlaisysError(f"the cluster's engines did not register within {self.timeout:.0f} s") from None
+        ids = sorted(self._client.ids)
+        try:
+            infos = self._client[ids].apply_sync(call_worker, "rank_info")
+        except Exception as e:
+            raise user_error(e) from None
+        for engine_id, info in zip(ids, infos):
+            info["engine"] = engine_id
+        sizes = {i["size"] for i in infos}
+        ranks = sorted(i["rank"] for i in infos)
+        if sizes != {len(infos)} or ranks != list(range(len(infos))):
+            raise LlaisysError(f"the cluster's {len(infos)} engines are not the ranks of one MPI communicator "
+                               f"(sizes {sorted(sizes)}, ranks {ranks}); start it with --engines=MPI")
+        return sorted(infos, key=lambda i: i["rank"])
+
+
+class RankCall:
+    """One function running on every rank at once, with a result per rank (so that one rank's
+    failure shows at once, while the others may still be waiting for it)."""
+
+    def __init__(self, ranks: EngineRanks, results: list):
+        self._ranks, self._results = ranks.ranks, results
+
+    def ready(self) -> bool:
+        """Whether every rank has finished."""
+        return all(r.ready() for r in self._results)
+
+    def wait(self, seconds: float) -> None:
+        """Wait up to seconds for a rank that has not finished yet."""
+        pending = [r for r in self._results if not r.ready()]
+        if pending:
+            pending[0].wait(seconds)
+
+    def raise_if_failed(self) -> None:
+        """Raise the first failure among the ranks that have finished."""
+        for rank, result in zip(self._ranks, self._results):
+            if result.ready():
+                try:
+                    result.get(timeout=0)
+                except Exception as e:
+                    error = user_error(e)
+                    message = str(error) if str(error).startswith("rank ") else f"rank {rank['rank']}: {error}"
+                    raise LlaisysError(message) from None
+
+    def get(self, timeout: float) -> list:
+        """Every rank's result, waiting up to timeout seconds; a failure raises as a LlaisysError."""
+        deadline = time.monotonic() + timeout
+        for result in self._results:
+            result.wait(max(0.0, deadline - time.monotonic()))
+        self.raise_if_failed()
+        if not self.ready():
+            raise LlaisysError(f"the engines did not finish within {timeout:.0f} s")
+        return [r.get(timeout=0) for r in self._results]
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this machine still exists."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def user_error(e: BaseException) -> LlaisysError:
+    """One line for an error raised on the engines (the first engine's, when several failed alike)."""
+    from ipyparallel.error import CompositeError, EngineError, RemoteError
+
+    if isinstance(e, LlaisysError):
+        return e
+    if isinstance(e, CompositeError) and e.elist:
+        ename, evalue = e.elist[0][0], e.elist[0][1]
+    elif isinstance(e, RemoteError):
+        ename, evalue = e.ename, e.evalue
+    elif isinstance(e, EngineError):
+        return LlaisysError(f"an engine died ({e}); call restart() to start the engines again")
+    else:
+        return LlaisysError(f"{type(e).__name__}: {e}")
+    if ename == "LlaisysError":
+        return LlaisysError(str(evalue))
+    if ename == "EngineError":
+        return LlaisysError(f"an engine died ({evalue}); call restart() to start the engines again")
+    return LlaisysError(f"engine error: {ename}: {evalue}")

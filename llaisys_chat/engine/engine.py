@@ -1,0 +1,226 @@
+"""One rank's engine: its shard of the native model, its key/value caches, and the generation loop.
+
+Every rank of a group runs the same Python on the same inputs, so they make the same decisions
+(prompt too long, stop string seen, ...) without talking; they talk only inside the native
+model's all-reduce hook and in `choose_token`, which every rank enters at every step.
+"""
+import dataclasses
+import os
+import random
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+
+from .. import _native
+from ..errors import LlaisysError
+from ..model.chat_format import ChatFormat
+from ..model.checkpoint import Checkpoint
+from ..model.config import ModelConfig
+from ..model.files import resolve_model, weight_dtype
+from ..model.weights import EMBED_TOKENS
+from ..protocol.messages import partial_suffix
+from ..protocol.reply import GenerationStats
+from ..protocol.sampling import SamplingParams
+from .collectives import SingleProcess, raise_if_any_failed
+from .sampling import STOP, choose_token
+from .shard_plan import ShardPlan
+
+DEFAULT_MAX_CONTEXT = 8192
+
+
+class Engine:
+    """A Qwen2 model (or this rank's shard of it) ready to generate."""
+
+    def __init__(self, model="demo", *, group=None, threads: int | None = None, max_context: int | None = None,
+                 compute: str = "auto", reduction: str = "exact", cache_slots: int = 4):
+        self.group = group or SingleProcess()
+        error = None
+        try:
+            self._load(model, threads, max_context, compute, reduction, cache_slots)
+        except Exception as e:  # whatever failed here, every rank must hear of it or the others wait forever
+            error = e
+        raise_if_any_failed(self.group, error)
+
+    def _load(self, model, threads, max_context, compute, reduction, cache_slots):
+        if compute not in ("auto", "bf16", "f32"):
+            raise LlaisysError(f"compute must be auto, bf16 or f32, not {compute!r}")
+        if reduction not in ("exact", "fast"):
+            raise LlaisysError(f"reduction must be exact or fast, not {reduction!r}")
+        self.folder = resolve_model(model, dtype=weight_dtype(compute))
+        self.config = ModelConfig.from_file(self.folder / "config.json")
+        self.chat = ChatFormat(self.folder)
+        self.plan = ShardPlan.for_rank(self.config, self.group.rank, self.group.size)
+        checkpoint = Checkpoint(self.folder)
+        checkpoint.check_shapes(self.config)
+        if compute == "auto":
+            compute = "f32" if checkpoint.dtype_name(EMBED_TOKENS.hf) == "f32" else "bf16"
+        self.compute = compute
+        self.threads = threads or default_threads(self.group)
+        options = _native.Qwen2Options(compute=getattr(_native.DType, compute.upper()), threads=self.threads,
+                                       reduction=getattr(_native.Reduction, reduction.upper()),
+                                       ffn_block=self.plan.ffn_block)
+        self.model = _native.Qwen2(native_config(self.config), self.plan.native(),
+                                   native_weights(self.plan.slice_weights(checkpoint, self.config), self.config),
+                                   options, mpi=self.group.native_mpi())
+        del checkpoint  # unmap the file: only the packed shard stays resident
+        self.max_context = max_context or min(self.config.max_position_embeddings, DEFAULT_MAX_CONTEXT)
+        if self.max_context < 2:
+            raise LlaisysError(f"max_context must be at least 2, not {self.max_context}")
+        self.cache_slots = cache_slots
+        self._caches: OrderedDict[str, object] = OrderedDict()
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams = SamplingParams(), *, max_new_tokens: int = 256,
+                 stop: tuple[str, ...] = (), cache_key: str = "default", should_stop=None) -> "Generation":
+        """Start a reply to prompt_ids; iterate the result for (token id, text piece) pairs."""
+        if len(prompt_ids) == 0:
+            raise LlaisysError("the prompt is empty")
+        if len(prompt_ids) >= self.max_context:
+            raise LlaisysError(f"the prompt is {len(prompt_ids)} tokens but the context holds {self.max_context} "
+                               f"(start a new conversation, or raise max_context)")
+        if max_new_tokens < 1:
+            raise LlaisysError(f"max_new_tokens must be at least 1, not {max_new_tokens}")
+        if params.temperature > 0 and params.seed is None:
+            # Every rank must draw the same noise: rank 0's random seed serves all (a collective).
+            params = dataclasses.replace(params, seed=self.group.bcast(random.getrandbits(63)))
+        return Generation(self, list(prompt_ids), params, max_new_tokens, tuple(stop), self._cache(cache_key),
+                          should_stop or (lambda: False))
+
+    def drop_cache(self, cache_key: str) -> None:
+        """Forget a conversation's cached keys and values."""
+        self._caches.pop(cache_key, None)
+
+    def info(self) -> dict:
+        """What this rank holds: model, shard bounds, bytes of weights and caches, resident memory."""
+        return {
+            "model": str(self.folder), "rank": self.group.rank, "ranks": self.group.size, "threads": self.threads,
+            "compute": self.compute, "max_context": self.max_context, "shard": self.plan.bounds(),
+            "weight_bytes": self.model.weight_bytes, "cache_bytes": sum(c.nbytes for c in self._caches.values()),
+            "rss_bytes": resident_bytes(),
+        }
+
+    def _cache(self, key: str):
+        """The cache of conversation `key`, least recently used ones evicted beyond cache_slots."""
+        if key in self._caches:
+            self._caches.move_to_end(key)
+        else:
+            while len(self._caches) >= self.cache_slots:
+                self._caches.popitem(last=False)
+            self._caches[key] = self.model.new_cache(self.max_context)
+        return self._caches[key]
+
+
+class Generation:
+    """A reply in progress: iterate for (token id, text piece); text pieces hold back any tail that
+    might start a stop string. `tokens`, `text` and `stats` fill in as it runs."""
+
+    def __init__(self, engine: Engine, prompt_ids, params, max_new_tokens, stop, cache, should_stop):
+        self.engine, self.prompt_ids, self.max_new_tokens, self.stop = engine, prompt_ids, max_new_tokens, stop
+        self.params = params
+        self.cache, self.should_stop = cache, should_stop
+        self.tokens: list[int] = []
+        self.text = ""
+        self.stats = GenerationStats(prompt_tokens=len(prompt_ids))
+
+    def __iter__(self):
+        engine, stats = self.engine, self.stats
+        start = time.perf_counter()
+        logits = self._prefill()
+        stats.prefill_seconds = time.perf_counter() - start
+        decoder, raw, emitted, cut, decode_start = engine.chat.stream_decoder(), "", 0, None, None
+        longest_stop = max(map(len, self.stop), default=0)
+        try:
+            for step in range(self.max_new_tokens):
+                token = choose_token(logits[0], engine.plan.vocab_begin, self.params, step, engine.group,
+                                     self.should_stop())
+                if token == STOP or token in engine.chat.stop_ids:
+                    stats.finish_reason = "interrupted" if token == STOP else "stop"
+                    break
+                if decode_start is None:
+                    decode_start = time.perf_counter()
+                    stats.first_token_seconds = decode_start - start
+                self.tokens.append(token)
+                stats.new_tokens += 1
+                raw += decoder.step(token)
+                cut = _stop_position(raw, self.stop, max(0, emitted - longest_stop))  # only new text can hold one
+                end = cut if cut is not None else len(raw) - _held_back(raw, self.stop)
+                yield token, raw[emitted:end]
+                emitted = end
+                if cut is not None:
+                    stats.finish_reason = "stop"
+                    break
+                if step + 1 == self.max_new_tokens:
+                    stats.finish_reason = "length"
+                    break
+                if self.cache.n_tokens >= engine.max_context:
+                    stats.finish_reason = "context"
+                    break
+                logits = engine.model.forward(self.cache, [token])
+        finally:  # also when the consumer stops iterating early
+            if decode_start is not None:
+                stats.decode_seconds = time.perf_counter() - decode_start
+            self.text = raw[:cut] if cut is not None else raw
+        if emitted < len(self.text):
+            yield None, self.text[emitted:]
+
+    def run(self) -> "Generation":
+        """Generate to the end without streaming; returns self."""
+        for _ in self:
+            pass
+        return self
+
+    def _prefill(self):
+        """Reuse the longest prefix of the prompt already in the cache and compute the rest."""
+        cached = self.cache.tokens
+        n = min(len(cached), len(self.prompt_ids) - 1)  # the last prompt token is always recomputed
+        same = np.flatnonzero(cached[:n] != np.asarray(self.prompt_ids[:n], dtype=np.int32))
+        keep = int(same[0]) if same.size else n
+        self.cache.truncate(keep)
+        self.stats.cached_tokens = keep
+        return self.engine.model.forward(self.cache, self.prompt_ids[keep:])
+
+
+def _stop_position(text: str, stops: tuple[str, ...], start: int = 0) -> int | None:
+    """Where the earliest stop string starts in text (searching from start), or None."""
+    found = [i for i in (text.find(s, start) for s in stops if s) if i >= 0]
+    return min(found) if found else None
+
+
+def _held_back(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest tail of text that is the start of a stop string."""
+    return max((partial_suffix(text, s) for s in stops if s), default=0)
+
+
+def native_config(config: ModelConfig) -> "_native.Qwen2Config":
+    """The hyper-parameters under the native model's names."""
+    return _native.Qwen2Config(vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+                               n_layer=config.num_hidden_layers, n_head=config.num_attention_heads,
+                               n_head_kv=config.num_key_value_heads, head_dim=config.head_dim,
+                               ffn_size=config.intermediate_size, rope_theta=config.rope_theta,
+                               rms_eps=config.rms_norm_eps)
+
+
+def native_weights(slices: dict, config: ModelConfig) -> "_native.Qwen2Weights":
+    """This rank's weight slices placed in the native model's fields, as the weight table names them."""
+    layers = [_native.Qwen2LayerWeights() for _ in range(config.num_hidden_layers)]
+    weights = _native.Qwen2Weights()
+    for weight, array in slices.items():
+        setattr(weights if weight.layer is None else layers[weight.layer], weight.spec.native, array)
+    weights.layers = layers
+    return weights
+
+
+def default_threads(group) -> int:
+    """This machine's cores shared among the ranks running on it."""
+    cores = len(os.sched_getaffinity(0))
+    local_ranks = int(os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE") or os.environ.get("MPI_LOCALNRANKS") or group.size)
+    return max(1, cores // max(1, local_ranks))
+
+
+def resident_bytes() -> int:
+    """Resident set size of this process."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0

@@ -1,0 +1,20 @@
+"""A request for one reply, as the client sends it to every rank at once."""
+import uuid
+from dataclasses import dataclass, field
+
+from .sampling import SamplingParams
+
+MAX_NEW_TOKENS = 512  # a reply's length limit unless the caller sets one
+
+
+@dataclass(frozen=True)
+class ReplyRequest:
+    """What to answer and how; every rank receives the same request."""
+
+    messages: list[dict]
+    sampling: SamplingParams = SamplingParams()
+    max_new_tokens: int = MAX_NEW_TOKENS
+    stop: tuple[str, ...] = ()
+    session: str = "default"  # names the conversation's cache on the ranks
+    stream_to: str = ""       # the client's link address, where rank 0 sends the pieces
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)

@@ -1,0 +1,78 @@
+"""The stream link's two ends (client/stream_link.py and engine/stream_link.py) over real sockets."""
+import time
+
+import pytest
+
+from llaisys_chat.client.stream_link import StreamLink
+from llaisys_chat.engine.stream_link import ClientLink
+from llaisys_chat.errors import LlaisysError
+from llaisys_chat.protocol.link import done_message, piece_message
+
+
+@pytest.fixture(params=["unix", "tcp"])
+def listener(request):
+    link = StreamLink(local=request.param == "unix", advertised_host="127.0.0.1")
+    assert link.address.startswith(request.param + ":")
+    yield link
+    link.close()
+
+
+def receive_all(link: StreamLink, count: int) -> list[dict]:
+    messages, deadline = [], time.monotonic() + 5
+    while len(messages) < count and time.monotonic() < deadline:
+        messages += link.receive(0.05) or []
+    return messages
+
+
+def test_pieces_flow_to_the_client_and_stops_flow_back(listener):
+    rank0 = ClientLink()
+    assert rank0.open(listener.address)
+    listener.wait_for_rank0(5, check=lambda: None)
+    assert rank0.send(piece_message("r1", "Hel")) and rank0.send(piece_message("r1", "lo")) and rank0.send(done_message("r1"))
+    received = receive_all(listener, 3)
+    assert [m.get("text") for m in received] == ["Hel", "lo", None] and received[2]["done"]
+    assert not rank0.stop_requested("r1")
+    assert listener.request_stop("r0") and listener.request_stop("r1")
+    time.sleep(0.05)
+    assert rank0.stop_requested("r1")  # a stop for another reply does not count, this one does
+    rank0.close()
+
+
+def test_a_client_that_goes_away_stops_the_reply(listener):
+    rank0 = ClientLink()
+    assert rank0.open(listener.address)
+    listener.wait_for_rank0(5, check=lambda: None)
+    listener.close()
+    time.sleep(0.05)
+    assert rank0.stop_requested("r1")
+    assert not rank0.send(piece_message("r1", "anyone?"))
+
+
+def test_rank0_reconnects_after_its_connection_closed(listener):
+    first = ClientLink()
+    assert first.open(listener.address) and first.open(listener.address)  # kept, not reopened
+    listener.wait_for_rank0(5, check=lambda: None)
+    first.close()
+    assert listener.receive(1) is None
+    second = ClientLink()
+    assert second.open(listener.address)
+    listener.wait_for_rank0(5, check=lambda: None)
+    second.send(piece_message("r2", "again"))
+    assert receive_all(listener, 1)[0]["text"] == "again"
+    second.close()
+
+
+def test_waiting_for_rank0_gives_up_and_reports(listener):
+    with pytest.raises(LlaisysError, match="rank 0 did not connect within 0 s"):
+        listener.wait_for_rank0(0.1, check=lambda: None)
+    def reply_failed():
+        raise RuntimeError("the reply failed")
+
+    with pytest.raises(RuntimeError, match="the reply failed"):
+        listener.wait_for_rank0(5, check=reply_failed)
+    assert not listener.request_stop("r1")  # nobody to tell: the caller signals rank 0 instead
+
+
+def test_an_unreachable_client_is_reported_not_raised():
+    assert not ClientLink().open("unix:/nonexistent/llaisys.sock")
+    assert ClientLink().stop_requested("r1")
