@@ -19,7 +19,7 @@ from llama_cpp import llama_bench, same_weights_gguf  # noqa: E402
 
 from llaisys_chat import _native  # noqa: E402
 from llaisys_chat.engine import Engine  # noqa: E402
-from llaisys_chat.model.demo import demo_gguf  # noqa: E402
+from llaisys_chat.model.builtins import builtin_gguf, find_builtin  # noqa: E402
 
 
 def our_speeds(threads: int, n_prompt: int, n_decode: int, repetitions: int) -> tuple[float, float]:
@@ -46,7 +46,7 @@ def main():
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--repetitions", type=int, default=3)
     args = p.parse_args()
-    reference = llama_bench(same_weights_gguf(demo_gguf(), "BF16"), args.threads, repetitions=args.repetitions)
+    reference = llama_bench(same_weights_gguf(builtin_gguf(find_builtin("demo")), "BF16"), args.threads, repetitions=args.repetitions)
     rows = []
     for t in args.threads:
         prefill, decode = our_speeds(t, 128, 128, args.repetitions)

@@ -4,11 +4,13 @@ Nothing of llama.cpp is committed: the source is downloaded from PyPI and built 
 two cores) under $LLAISYS_HOME/llama.cpp the first time a benchmark needs it.
 """
 import json
+import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
 from pathlib import Path
+from urllib.request import Request, urlopen
 
 from llaisys_chat.model.cache import cache_home, exclusive
 
@@ -16,7 +18,7 @@ VERSION = "0.3.36"
 
 
 def llama_bin(name: str) -> Path:
-    """Path of a llama.cpp program (llama-bench, llama-quantize), building llama.cpp if needed."""
+    """Path of a llama.cpp program (llama-bench, llama-quantize, llama-perplexity), building llama.cpp if needed."""
     root = cache_home() / "llama.cpp" / VERSION
     binary = root / "build" / "bin" / name
     if not binary.exists():
@@ -31,17 +33,24 @@ def _build(root: Path) -> None:
     if not source.exists():
         with tempfile.TemporaryDirectory() as tmp:
             print(f"bench: downloading llama-cpp-python {VERSION} source from PyPI...", file=sys.stderr)
-            subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-                            "--no-build-isolation", "-d", tmp, f"llama-cpp-python=={VERSION}"], check=True)
-            with tarfile.open(next(Path(tmp).glob("*.tar.gz"))) as tar:
+            # The source archive itself: pip would first build the package's metadata (and its build tools).
+            index = Request("https://pypi.org/simple/llama-cpp-python/",
+                            headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+            files = json.load(urlopen(index))["files"]
+            sdist = next(f["url"] for f in files if f["filename"] == f"llama_cpp_python-{VERSION}.tar.gz")
+            archive = Path(tmp) / "source.tar.gz"
+            with urlopen(sdist) as response, open(archive, "wb") as out:
+                shutil.copyfileobj(response, out)
+            with tarfile.open(archive) as tar:
                 tar.extractall(tmp, filter="data")
-            (next(Path(tmp).glob("llama_cpp_python-*")) / "vendor" / "llama.cpp").rename(source)
-    print("bench: building llama.cpp (llama-bench, llama-quantize)...", file=sys.stderr)
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.move(next(Path(tmp).glob("llama_cpp_python-*")) / "vendor" / "llama.cpp", source)
+    print("bench: building llama.cpp (llama-bench, llama-quantize, llama-perplexity)...", file=sys.stderr)
     build = root / "build"
     subprocess.run(["cmake", "-S", source, "-B", build, "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON",
                     "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF",
                     "-DLLAMA_BUILD_EXAMPLES=OFF"], check=True, stdout=subprocess.DEVNULL)
-    subprocess.run(["cmake", "--build", build, "-j", "2", "--target", "llama-bench", "llama-quantize"], check=True,
+    subprocess.run(["cmake", "--build", build, "-j", "2", "--target", "llama-bench", "llama-quantize", "llama-perplexity"], check=True,
                    stdout=subprocess.DEVNULL)
 
 

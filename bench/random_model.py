@@ -10,10 +10,13 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
+from tiny import save_safetensors  # noqa: E402
+
 from llaisys_chat.model.config import ModelConfig
-from llaisys_chat.model.gguf_convert import SHARD_BYTES, save_safetensors
 from llaisys_chat.model.weights import model_weights
 
+SHARD_BYTES = 1 << 30  # safetensors files of at most ~1 GiB
 COPIED = ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json")
 
 

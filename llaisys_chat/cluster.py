@@ -36,7 +36,7 @@ def connect(model: str | None = "demo", profile: str | None = None, cluster_id: 
     profile / cluster_id / connection_file pick the cluster (default: ipcluster's default profile).
     With no cluster running and start=True, one is started with `n` MPI engines (default: one per
     core) and stopped when this client closes. model=None keeps whatever model the engines hold
-    ('demo' if none). engine_options (threads, max_context, compute, reduction, cache_slots) go to
+    ('demo' if none). engine_options (weights, threads, max_context, reduction, cache_slots) go to
     each rank's Engine.
     """
     say = (lambda message: None) if quiet else (lambda message: print(f"llaisys: {message}", file=sys.stderr))

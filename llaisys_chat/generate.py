@@ -11,7 +11,7 @@ from .engine.collectives import default_group
 from .engine.engine import Engine
 from .errors import LlaisysError
 from .frontends.options import (
-    add_model_option,
+    add_model_options,
     add_sampling_options,
     add_version_option,
     sampling_options,
@@ -46,15 +46,13 @@ def parser() -> argparse.ArgumentParser:
     """The command line."""
     p = argparse.ArgumentParser(prog="llaisys-generate", description="Generate one chat reply (tensor-parallel under mpiexec).")
     add_version_option(p)
-    add_model_option(p)
+    add_model_options(p)
     p.add_argument("--prompt", help="the user's message")
     p.add_argument("--system", help="system prompt (default: the model's own)")
     p.add_argument("--messages", type=Path, help="JSON file with a list of {role, content} messages to continue")
     add_sampling_options(p, GREEDY)
     p.add_argument("--threads", type=int, help="threads per process (default: cores / local ranks)")
     p.add_argument("--max-context", type=int, help="cache size in tokens (default: min(model context, 8192))")
-    p.add_argument("--compute", choices=("auto", "bf16", "f32"), default="auto",
-                   help="weight dtype; auto is f32 for f32 checkpoints, else bf16 (default: auto)")
     p.add_argument("--reduction", choices=("exact", "fast"), default="exact",
                    help="exact: same tokens for any rank count; fast: plain f32 all-reduce (default: exact)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
@@ -74,7 +72,7 @@ def main(argv=None) -> int:
             except (OSError, json.JSONDecodeError) as e:
                 raise LlaisysError(f"{args.messages}: cannot read messages ({e})") from None
         engine = Engine(args.model, group=group, threads=args.threads, max_context=args.max_context,
-                        compute=args.compute, reduction=args.reduction)
+                        weights=args.weights, reduction=args.reduction)
         stream = None if args.json or not is_printer else lambda piece: print(piece, end="", flush=True)
         reply = generate(args.prompt, messages=messages, system=args.system, engine=engine, on_text=stream,
                          **{**GREEDY, **sampling_options(args)})

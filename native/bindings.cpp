@@ -8,19 +8,23 @@
 #include "mpi_all_reduce.hpp"
 #include "ops.hpp"
 #include "qwen2.hpp"
+#include "quant.hpp"
 
 namespace py = pybind11;
 using namespace llaisys;
 
 namespace {
 
-// numpy has no bfloat16: bf16 tensors travel as uint16 arrays holding the bits.
+// numpy has no bfloat16: bf16 tensors travel as uint16 arrays holding the bits. (Compared by kind
+// and size: a memory-mapped array's dtype is an equal object, not always the same one.)
 DType dtype_of(const py::array& a) {
-    if (a.dtype().is(py::dtype::of<float>())) return DType::F32;
-    if (a.dtype().is(py::dtype("float16"))) return DType::F16;
-    if (a.dtype().is(py::dtype::of<uint16_t>())) return DType::BF16;
-    if (a.dtype().is(py::dtype::of<int32_t>())) return DType::I32;
-    if (a.dtype().is(py::dtype::of<int64_t>())) return DType::I64;
+    const char kind = a.dtype().kind();
+    const auto size = a.itemsize();
+    if (kind == 'f' && size == 4) return DType::F32;
+    if (kind == 'f' && size == 2) return DType::F16;
+    if (kind == 'u' && size == 2) return DType::BF16;
+    if (kind == 'i' && size == 4) return DType::I32;
+    if (kind == 'i' && size == 8) return DType::I64;
     throw py::type_error("unsupported array dtype " + std::string(py::str(a.dtype())));
 }
 
@@ -54,10 +58,31 @@ Tensor from_numpy(const py::array& a) {
 // An array viewing the tensor's memory; the tensor's storage stays alive as long as the array.
 py::array to_numpy(const Tensor& t) {
     std::vector<py::ssize_t> shape(t.shape.begin(), t.shape.end()), strides;
-    for (int64_t s : t.strides) strides.push_back(s * static_cast<py::ssize_t>(dtype_size(t.dtype)));
+    for (int64_t s : t.strides) strides.push_back(s * static_cast<py::ssize_t>(block_bytes(t.dtype)));
     auto holder = new std::shared_ptr<void>(t.storage);
     py::capsule base(holder, [](void* p) { delete static_cast<std::shared_ptr<void>*>(p); });
     return py::array(numpy_dtype(t.dtype), shape, strides, t.base, base);
+}
+
+// A quantized matrix from a uint8 array [rows, row bytes] of GGUF blocks (numpy has no such dtype).
+struct QuantizedArray {
+    Tensor tensor;
+};
+
+QuantizedArray quantized_array(const py::array& data, DType dtype) {
+    LLAISYS_CHECK(is_quantized(dtype), "QuantizedArray takes a quantized dtype");
+    LLAISYS_CHECK(data.dtype().kind() == 'u' && data.itemsize() == 1 && data.ndim() == 2 && data.strides(1) == 1,
+                  "QuantizedArray takes a uint8 matrix with contiguous rows");
+    const auto bytes = static_cast<int64_t>(block_bytes(dtype)), elements = block_elements(dtype);
+    LLAISYS_CHECK(data.shape(1) % bytes == 0 && data.strides(0) % bytes == 0,
+                  std::string("rows must be whole ") + dtype_name(dtype) + " blocks");
+    auto owner = std::make_shared<py::object>(data);
+    std::shared_ptr<void> keep(owner.get(), [owner](void*) mutable {
+        py::gil_scoped_acquire gil;
+        owner.reset();
+    });
+    return {Tensor::borrow(const_cast<void*>(data.data()), {data.shape(0), data.shape(1) / bytes * elements},
+                           {data.strides(0) / bytes * elements, 1}, dtype, keep)};
 }
 
 // Struct(field=value, ...): sets the named fields of a plain struct; an unknown name is an AttributeError.
@@ -77,16 +102,22 @@ py::class_<T> plain_struct(py::module_& m, const char* name, const char* doc) {
 }  // namespace
 
 namespace pybind11::detail {
-// numpy array <-> Tensor, sharing memory: a Tensor& parameter writes into the caller's array. An
-// absent (default) Tensor reads back as None.
+// numpy array (or QuantizedArray) <-> Tensor, sharing memory: a Tensor& parameter writes into the
+// caller's array. An absent (default) Tensor reads back as None.
 template <>
 struct type_caster<Tensor> {
     PYBIND11_TYPE_CASTER(Tensor, const_name("numpy.ndarray"));
 
     bool load(handle src, bool) {
-        if (!isinstance<array>(src)) return false;
-        value = from_numpy(reinterpret_borrow<array>(src));
-        return true;
+        if (isinstance<array>(src)) {
+            value = from_numpy(reinterpret_borrow<array>(src));
+            return true;
+        }
+        if (isinstance<QuantizedArray>(src)) {
+            value = src.cast<const QuantizedArray&>().tensor;
+            return true;
+        }
+        return false;
     }
 
     static handle cast(const Tensor& t, return_value_policy, handle) {
@@ -123,7 +154,29 @@ PYBIND11_MODULE(_native, m) {
         .value("F16", DType::F16)
         .value("BF16", DType::BF16)
         .value("I32", DType::I32)
-        .value("I64", DType::I64);
+        .value("I64", DType::I64)
+        .value("Q8_0", DType::Q8_0)
+        .value("Q4_0", DType::Q4_0)
+        .value("Q5_0", DType::Q5_0)
+        .value("Q4_K", DType::Q4_K)
+        .value("Q6_K", DType::Q6_K);
+    m.def("block_elements", &block_elements, "Values per block of a dtype (1 for plain types).");
+    py::class_<QuantizedArray>(m, "QuantizedArray", "A matrix of GGUF blocks: uint8 [rows, row bytes] and its type.")
+        .def(py::init(&quantized_array), py::arg("data"), py::arg("dtype"))
+        .def_property_readonly("dtype", [](const QuantizedArray& q) { return q.tensor.dtype; })
+        .def_property_readonly("shape", [](const QuantizedArray& q) { return q.tensor.shape; });
+    m.def("dequantize", [](const Tensor& w) {
+        py::array_t<float> out({w.size(0), w.size(1)});
+        for (int64_t r = 0; r < w.size(0); ++r) quant::dequantize_row(w.dtype, w.row(r), out.mutable_data(r), w.size(1));
+        return out;
+    }, "The values of a matrix of any float or quantized type, as f32.");
+    m.def("quantize", [](const py::array_t<float, py::array::c_style>& x, DType dtype) {
+        const int64_t rows = x.shape(0), cols = x.shape(1);
+        py::array_t<uint8_t> out({rows, static_cast<int64_t>(bytes_of(dtype, cols))});
+        for (int64_t r = 0; r < rows; ++r)
+            quant::quantize_row(dtype, x.data(r), reinterpret_cast<std::byte*>(out.mutable_data(r)), cols);
+        return out;
+    }, "f32 rows quantized to Q8_0 or Q4_0 blocks (uint8 [rows, row bytes]).");
     py::enum_<Reduction>(m, "Reduction", "How row-parallel partial sums are joined over ranks.")
         .value("EXACT", Reduction::Exact)
         .value("FAST", Reduction::Fast);
@@ -131,8 +184,17 @@ PYBIND11_MODULE(_native, m) {
     // -- ops (out parameters first; they write into the arrays passed) --------------------------
     py::class_<ops::PackedWeight>(m, "PackedWeight")
         .def_readonly("n_out", &ops::PackedWeight::n_out)
-        .def_readonly("n_in", &ops::PackedWeight::n_in);
-    m.def("pack_weight", &ops::pack_weight, "Repack W[n_out, n_in] into kernel panels of dtype BF16 or F32.");
+        .def_readonly("n_in", &ops::PackedWeight::n_in)
+        .def_property_readonly("nbytes", &ops::PackedWeight::nbytes);
+    m.def("pack_weight", [](const Tensor& w, DType dtype) {
+        py::gil_scoped_release nogil;
+        return ops::pack_weight(w, dtype);
+    }, "Repack W[n_out, n_in] (float or quantized) into kernel panels of BF16, F32 or a quantized type.");
+    m.def("pack_fused", [](const std::vector<std::pair<Tensor, DType>>& parts) {
+        ops::PackedWeight fused;
+        for (const auto& [w, dtype] : parts) ops::append_rows(fused, w, dtype);
+        return fused;
+    }, "Several weights' rows, one after another, each packed in its own dtype.");
     m.def("embedding", &ops::embedding);
     m.def("linear", [](Tensor& out, const Tensor& x, const ops::PackedWeight& w, std::optional<Tensor> bias) {
         py::gil_scoped_release nogil;
@@ -177,29 +239,27 @@ PYBIND11_MODULE(_native, m) {
         .def_readwrite("ffn_end", &Shard::ffn_end)
         .def_readwrite("vocab_begin", &Shard::vocab_begin)
         .def_readwrite("vocab_end", &Shard::vocab_end);
-    plain_struct<Qwen2Options>(m, "Qwen2Options", "Compute dtype, threads, reduction and down_proj's reduction block.")
-        .def_readwrite("compute", &Qwen2Options::compute)
+    plain_struct<Qwen2Options>(m, "Qwen2Options", "Cache dtype, threads, reduction and down_proj's reduction block.")
+        .def_readwrite("cache", &Qwen2Options::cache)
         .def_readwrite("threads", &Qwen2Options::threads)
         .def_readwrite("reduction", &Qwen2Options::reduction)
         .def_readwrite("ffn_block", &Qwen2Options::ffn_block);
-    plain_struct<Qwen2LayerWeights>(m, "Qwen2LayerWeights", "One layer's weight slices (numpy arrays).")
-        .def_readwrite("attn_norm", &Qwen2LayerWeights::attn_norm)
-        .def_readwrite("q", &Qwen2LayerWeights::q)
-        .def_readwrite("q_bias", &Qwen2LayerWeights::q_bias)
-        .def_readwrite("k", &Qwen2LayerWeights::k)
-        .def_readwrite("k_bias", &Qwen2LayerWeights::k_bias)
-        .def_readwrite("v", &Qwen2LayerWeights::v)
-        .def_readwrite("v_bias", &Qwen2LayerWeights::v_bias)
-        .def_readwrite("o", &Qwen2LayerWeights::o)
-        .def_readwrite("ffn_norm", &Qwen2LayerWeights::ffn_norm)
-        .def_readwrite("gate", &Qwen2LayerWeights::gate)
-        .def_readwrite("up", &Qwen2LayerWeights::up)
-        .def_readwrite("down", &Qwen2LayerWeights::down);
-    plain_struct<Qwen2Weights>(m, "Qwen2Weights", "The model's weight slices: global tensors and a list of layers.")
-        .def_readwrite("embed_tokens", &Qwen2Weights::embed_tokens)
-        .def_readwrite("final_norm", &Qwen2Weights::final_norm)
-        .def_readwrite("lm_head", &Qwen2Weights::lm_head)
-        .def_readwrite("layers", &Qwen2Weights::layers);
+    py::enum_<Slot>(m, "Slot", "Where a loaded weight goes in the model (see Qwen2.load).")
+        .value("EMBED_TOKENS", Slot::EmbedTokens)
+        .value("FINAL_NORM", Slot::FinalNorm)
+        .value("LM_HEAD", Slot::LmHead)
+        .value("ATTN_NORM", Slot::AttnNorm)
+        .value("Q", Slot::Q)
+        .value("Q_BIAS", Slot::QBias)
+        .value("K", Slot::K)
+        .value("K_BIAS", Slot::KBias)
+        .value("V", Slot::V)
+        .value("V_BIAS", Slot::VBias)
+        .value("O", Slot::O)
+        .value("FFN_NORM", Slot::FfnNorm)
+        .value("GATE", Slot::Gate)
+        .value("UP", Slot::Up)
+        .value("DOWN", Slot::Down);
     plain_struct<MpiHandles>(m, "MpiHandles", "MPI_Allreduce's address and the handles it takes (from mpi4py).")
         .def_readwrite("allreduce", &MpiHandles::allreduce)
         .def_readwrite("comm", &MpiHandles::comm)
@@ -215,13 +275,19 @@ PYBIND11_MODULE(_native, m) {
         .def("truncate", &KVCache::truncate);
 
     py::class_<Qwen2>(m, "Qwen2")
-        .def(py::init([](const Qwen2Config& config, const Shard& shard, const Qwen2Weights& weights,
-                         const Qwen2Options& options, std::optional<MpiHandles> mpi) {
-                 AllReduce hook = mpi ? mpi_all_reduce(*mpi) : AllReduce{};
-                 py::gil_scoped_release nogil;
-                 return std::make_unique<Qwen2>(config, shard, weights, options, hook);
+        .def(py::init([](const Qwen2Config& config, const Shard& shard, const Qwen2Options& options,
+                         std::optional<MpiHandles> mpi) {
+                 return std::make_unique<Qwen2>(config, shard, options, mpi ? mpi_all_reduce(*mpi) : AllReduce{});
              }),
-             py::arg("config"), py::arg("shard"), py::arg("weights"), py::arg("options"), py::arg("mpi") = py::none())
+             py::arg("config"), py::arg("shard"), py::arg("options"), py::arg("mpi") = py::none())
+        .def("load", [](Qwen2& model, Slot slot, int64_t layer, const Tensor& w, DType dtype) {
+            py::gil_scoped_release nogil;
+            model.load(slot, layer, w, dtype);
+        }, py::arg("slot"), py::arg("layer"), py::arg("w"), py::arg("dtype"))
+        .def("finish_loading", [](Qwen2& model) {
+            py::gil_scoped_release nogil;
+            model.finish_loading();
+        })
         .def("new_cache", &Qwen2::new_cache, py::arg("capacity"))
         .def("forward", [](Qwen2& model, KVCache& cache, std::vector<int32_t> tokens, bool all_positions) {
             py::gil_scoped_release nogil;

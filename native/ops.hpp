@@ -10,25 +10,41 @@
 
 namespace llaisys::ops {
 
-// out[m] = table[ids[m] - vocab_begin] when the id falls in this table's rows, else zeros.
+// out[m] = table[ids[m] - vocab_begin] when the id falls in this table's rows, else zeros; the table
+// may be of any float or quantized type.
 // (A vocab-parallel table holds rows [vocab_begin, vocab_begin + rows) of the full vocabulary.)
 void embedding(Tensor& out /*[M, D]*/, const Tensor& ids /*[M] i32|i64*/, const Tensor& table /*[V, D]*/,
                int64_t vocab_begin);
 
-// A weight W[n_out, n_in] repacked once at load for the matmul kernels: panels of kPanel output
-// rows, kGroup panels interleaved per k step, so that a decode tile (one group) streams through one
-// contiguous run of memory. bf16 keeps k-pairs together ([kPanel][2], the layout dot-product-of-pairs
-// instructions consume). Padding rows, columns and panels are zero.
+// A weight W[n_out, n_in] repacked once at load for the matmul kernels (layouts in ops/panels.hpp):
+// panels of kPanel output rows, kGroup panels interleaved, so that a decode tile (one group) streams
+// through one contiguous run of memory. bf16 keeps k-pairs together ([kPanel][2], the layout
+// dot-product-of-pairs instructions consume); quantized types keep their blocks' integers and scales,
+// so the kernels compute integer dot products against activations quantized per block of 32.
+// A fused weight (q|k|v, gate|up) is a list of parts, each with its own type, one after another in
+// the output. Padding rows, columns and panels are zero.
 constexpr int64_t kPanel = 16;
 constexpr int64_t kGroup = 4;
+struct PackedPart {
+    DType dtype = DType::BF16;  // BF16, F32 or a quantized type
+    int64_t row_begin = 0;      // where this part's rows start in the fused output
+    int64_t n_out = 0;
+    Tensor panels;
+};
 struct PackedWeight {
-    Tensor panels;  // bf16: [n_groups, n_in_padded / 2, kGroup, kPanel, 2]; f32: [n_groups, n_in, kGroup, kPanel]
+    std::vector<PackedPart> parts;
     int64_t n_out = 0;
     int64_t n_in = 0;
+    size_t nbytes() const;
 };
-PackedWeight pack_weight(const Tensor& w /*[n_out, n_in]*/, DType dtype /*BF16 or F32*/);
+// W (any float or quantized dtype) in panels of `dtype`: BF16 or F32, the same quantized type as W,
+// or Q8_0 / Q4_0 (quantized now, from whatever W holds).
+PackedWeight pack_weight(const Tensor& w /*[n_out, n_in]*/, DType dtype);
+// Fuses W's rows after those already packed (same n_in).
+void append_rows(PackedWeight& fused, const Tensor& w, DType dtype);
 
-// out = x W^T + bias. With bf16 weights, x is rounded to bf16 and products accumulate in f32.
+// out = x W^T + bias. With bf16 weights, x is rounded to bf16 and products accumulate in f32; with
+// quantized weights, x is quantized per block of 32 to int8 (quant::quantize_activations).
 void linear(Tensor& out /*[M, n_out]*/, const Tensor& x /*[M, n_in]*/, const PackedWeight& w,
             const Tensor* bias /*[n_out] or null*/);
 

@@ -2,6 +2,9 @@
 
 #include <cmath>
 #include <cstring>
+#include <string>
+
+#include "quant.hpp"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -10,36 +13,61 @@
 namespace llaisys {
 namespace {
 
-const Tensor& expect(const Tensor& t, std::vector<int64_t> shape, const char* name) {
-    LLAISYS_CHECK(t.defined(), std::string("missing weight ") + name);
+void expect_shape(const Tensor& t, std::vector<int64_t> shape, const char* name) {
     LLAISYS_CHECK(t.shape == shape, std::string("weight ") + name + " has the wrong shape for this shard");
-    return t;
 }
 
-// Tensors joined along their first dimension (rows of matrices, or vectors end to end), so that
-// fused projections run as one product with one bias.
-Tensor concat_rows(const std::vector<Tensor>& parts, DType dtype) {
-    std::vector<int64_t> shape = parts.front().shape;
-    shape[0] = 0;
-    for (const Tensor& p : parts) shape[0] += p.size(0);
-    Tensor out = Tensor::empty(shape, dtype);
+// Vectors end to end (biases of fused projections); an absent one (optional bias) is zeros.
+Tensor concat_f32(const std::vector<std::pair<Tensor, int64_t>>& parts) {
+    int64_t n = 0;
+    for (const auto& [t, size] : parts) n += size;
+    Tensor out = Tensor::zeros({n}, DType::F32);
     int64_t at = 0;
-    for (const Tensor& p : parts) {
-        Tensor dst = out.slice(0, at, at + p.size(0));
-        copy(dst, p);
-        at += p.size(0);
+    for (const auto& [t, size] : parts) {
+        if (t.defined()) {
+            Tensor dst = out.slice(0, at, at + size);
+            copy(dst, t);
+        }
+        at += size;
     }
     return out;
 }
 
-// An f32 vector of `n` zeros where the checkpoint has no bias (q/k/v biases are optional).
-Tensor bias_or_zeros(const Tensor& bias, int64_t n, const char* name) {
-    if (!bias.defined()) return Tensor::zeros({n}, DType::F32);
-    return expect(bias, {n}, name);
+// A copy of w's rows in `dtype` (any float or quantized type), converting values through f32.
+Tensor convert_rows(const Tensor& w, DType dtype) {
+    const int64_t rows = w.size(0), cols = w.size(1);
+    Tensor out = Tensor::empty({rows, cols}, dtype);
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+        if (w.dtype == dtype) {
+            std::memcpy(out.row(r), w.row(r), bytes_of(dtype, cols));
+            continue;
+        }
+        std::vector<float> values(cols);
+        quant::dequantize_row(w.dtype, w.row(r), values.data(), cols);
+        if (is_quantized(dtype)) quant::quantize_row(dtype, values.data(), out.row(r), cols);
+        else from_f32(out.row(r), dtype, values.data(), cols);
+    }
+    return out;
 }
 
-Tensor owned_copy(const Tensor& t, DType dtype) {
-    Tensor out = Tensor::empty(t.shape, dtype);
+// Fused projections: parts of several packed weights, one after another in the output.
+ops::PackedWeight fuse(std::vector<ops::PackedWeight*> weights) {
+    ops::PackedWeight fused;
+    for (ops::PackedWeight* w : weights) {
+        for (ops::PackedPart& part : w->parts) {
+            part.row_begin = fused.n_out;
+            fused.n_out += part.n_out;
+            fused.parts.push_back(std::move(part));
+        }
+        fused.n_in = w->n_in;
+        *w = ops::PackedWeight{};
+    }
+    return fused;
+}
+
+Tensor owned_f32(const Tensor& t) {
+    Tensor out = Tensor::empty(t.shape, DType::F32);
     copy(out, t);
     return out;
 }
@@ -65,49 +93,86 @@ size_t KVCache::nbytes() const {
     return total;
 }
 
-Qwen2::Qwen2(const Qwen2Config& config, const Shard& shard, const Qwen2Weights& weights, const Qwen2Options& options,
-             AllReduce all_reduce)
-    : config_(config), shard_(shard), options_(options), all_reduce_(std::move(all_reduce)) {
-    const int64_t D = config.hidden_size, hd = config.head_dim;
-    const int64_t H_l = shard.head_end - shard.head_begin, KV_l = shard.kv_end - shard.kv_begin;
+Qwen2::Qwen2(const Qwen2Config& config, const Shard& shard, const Qwen2Options& options, AllReduce all_reduce)
+    : config_(config), shard_(shard), options_(options), all_reduce_(std::move(all_reduce)), layers(config.n_layer) {
+    const int64_t H_l = shard.head_end - shard.head_begin;
     const int64_t F_l = shard.ffn_end - shard.ffn_begin, V_l = shard.vocab_end - shard.vocab_begin;
-    LLAISYS_CHECK(options.compute == DType::BF16 || options.compute == DType::F32, "compute dtype must be bf16 or f32");
+    LLAISYS_CHECK(options.cache == DType::BF16 || options.cache == DType::F32, "cache dtype must be bf16 or f32");
     LLAISYS_CHECK(H_l > 0 && F_l > 0 && V_l > 0, "every shard needs heads, MLP columns and vocabulary rows");
     LLAISYS_CHECK(config.n_head % config.n_head_kv == 0, "n_head must be a multiple of n_head_kv");
     LLAISYS_CHECK(F_l % options.ffn_block == 0 && options.ffn_block % 2 == 0,
                   "MLP shard must be whole even-sized reduction blocks");
-    LLAISYS_CHECK(static_cast<int64_t>(weights.layers.size()) == config.n_layer, "weights hold the wrong number of layers");
     const int64_t group = config.n_head / config.n_head_kv;
     for (int64_t h = shard.head_begin; h < shard.head_end; ++h) {
         int64_t kv = h / group;
         LLAISYS_CHECK(shard.kv_begin <= kv && kv < shard.kv_end, "shard lacks a key/value head its queries read");
         kv_head_of.push_back(kv - shard.kv_begin);
     }
+}
 
-    const DType dt = options.compute;
-    embed_tokens = owned_copy(expect(weights.embed_tokens, {V_l, D}, "embed_tokens"), dt);
-    final_norm = owned_copy(expect(weights.final_norm, {D}, "final_norm"), DType::F32);
-    const bool tied = !weights.lm_head.defined();
-    lm_head = ops::pack_weight(tied ? embed_tokens : expect(weights.lm_head, {V_l, D}, "lm_head"), dt);
-
-    for (const Qwen2LayerWeights& w : weights.layers) {
-        Qwen2Layer layer;
-        layer.attn_norm = owned_copy(expect(w.attn_norm, {D}, "attn_norm"), DType::F32);
-        layer.qkv = ops::pack_weight(concat_rows({expect(w.q, {H_l * hd, D}, "q"), expect(w.k, {KV_l * hd, D}, "k"),
-                                                 expect(w.v, {KV_l * hd, D}, "v")},
-                                                dt),
-                                     dt);
-        layer.qkv_bias = concat_rows({bias_or_zeros(w.q_bias, H_l * hd, "q_bias"),
-                                      bias_or_zeros(w.k_bias, KV_l * hd, "k_bias"),
-                                      bias_or_zeros(w.v_bias, KV_l * hd, "v_bias")},
-                                     DType::F32);
-        layer.o = ops::pack_weight(expect(w.o, {D, H_l * hd}, "o"), dt);
-        layer.ffn_norm = owned_copy(expect(w.ffn_norm, {D}, "ffn_norm"), DType::F32);
-        layer.gate_up = ops::pack_weight(concat_rows({expect(w.gate, {F_l, D}, "gate"), expect(w.up, {F_l, D}, "up")}, dt),
-                                         dt);
-        layer.down = ops::pack_weight(expect(w.down, {D, F_l}, "down"), dt);
-        layers.push_back(std::move(layer));
+void Qwen2::load(Slot slot, int64_t layer, const Tensor& w, DType dtype) {
+    LLAISYS_CHECK(!loaded_, "the model has finished loading");
+    const int64_t D = config_.hidden_size, hd = config_.head_dim;
+    const int64_t H_l = shard_.head_end - shard_.head_begin, KV_l = shard_.kv_end - shard_.kv_begin;
+    const int64_t F_l = shard_.ffn_end - shard_.ffn_begin, V_l = shard_.vocab_end - shard_.vocab_begin;
+    auto matrix = [&](ops::PackedWeight& packed, std::vector<int64_t> shape, const char* name) {
+        expect_shape(w, std::move(shape), name);
+        packed = ops::pack_weight(w, dtype);
+    };
+    auto vector = [&](Tensor& stored, int64_t n, const char* name) {
+        expect_shape(w, {n}, name);
+        stored = owned_f32(w);
+    };
+    switch (slot) {
+        case Slot::EmbedTokens:
+            expect_shape(w, {V_l, D}, "embed_tokens");
+            embed_tokens = convert_rows(w, dtype);
+            return;
+        case Slot::FinalNorm: return vector(final_norm, D, "final_norm");
+        case Slot::LmHead: return matrix(lm_head, {V_l, D}, "lm_head");
+        default: break;
     }
+    LLAISYS_CHECK(0 <= layer && layer < config_.n_layer, "layer index out of range");
+    Qwen2Layer& l = layers[layer];
+    switch (slot) {
+        case Slot::AttnNorm: return vector(l.attn_norm, D, "attn_norm");
+        case Slot::Q: return matrix(l.q, {H_l * hd, D}, "q");
+        case Slot::QBias: return vector(l.q_bias, H_l * hd, "q_bias");
+        case Slot::K: return matrix(l.k, {KV_l * hd, D}, "k");
+        case Slot::KBias: return vector(l.k_bias, KV_l * hd, "k_bias");
+        case Slot::V: return matrix(l.v, {KV_l * hd, D}, "v");
+        case Slot::VBias: return vector(l.v_bias, KV_l * hd, "v_bias");
+        case Slot::O: return matrix(l.o, {D, H_l * hd}, "o");
+        case Slot::FfnNorm: return vector(l.ffn_norm, D, "ffn_norm");
+        case Slot::Gate: return matrix(l.gate, {F_l, D}, "gate");
+        case Slot::Up: return matrix(l.up, {F_l, D}, "up");
+        case Slot::Down: return matrix(l.down, {D, F_l}, "down");
+        default: fail(__FILE__, __LINE__, "unknown weight slot");
+    }
+}
+
+void Qwen2::finish_loading() {
+    LLAISYS_CHECK(!loaded_, "the model has finished loading");
+    auto need = [](bool present, const std::string& name) { LLAISYS_CHECK(present, "missing weight " + name); };
+    need(embed_tokens.defined(), "embed_tokens");
+    need(final_norm.defined(), "final_norm");
+    if (lm_head.parts.empty()) lm_head = ops::pack_weight(embed_tokens, embed_tokens.dtype);  // tied
+    const int64_t hd = config_.head_dim;
+    const int64_t H_l = shard_.head_end - shard_.head_begin, KV_l = shard_.kv_end - shard_.kv_begin;
+    for (size_t i = 0; i < layers.size(); ++i) {
+        Qwen2Layer& l = layers[i];
+        const std::string at = " of layer " + std::to_string(i);
+        need(l.attn_norm.defined(), "attn_norm" + at);
+        need(!l.q.parts.empty() && !l.k.parts.empty() && !l.v.parts.empty(), "q, k or v" + at);
+        need(!l.o.parts.empty(), "o" + at);
+        need(l.ffn_norm.defined(), "ffn_norm" + at);
+        need(!l.gate.parts.empty() && !l.up.parts.empty() && !l.down.parts.empty(), "gate, up or down" + at);
+        l.qkv = fuse({&l.q, &l.k, &l.v});
+        l.qkv_bias = concat_f32({{l.q_bias, H_l * hd}, {l.k_bias, KV_l * hd}, {l.v_bias, KV_l * hd}});
+        l.q_bias = l.k_bias = l.v_bias = Tensor{};
+        l.gate_up = fuse({&l.gate, &l.up});
+    }
+    loaded_ = true;
 }
 
 KVCache Qwen2::new_cache(int64_t capacity) const {
@@ -117,17 +182,17 @@ KVCache Qwen2::new_cache(int64_t capacity) const {
     int64_t kv_held = shard_.kv_end - shard_.kv_begin;
     for (int64_t i = 0; i < config_.n_layer; ++i) {
         // Untouched pages of a large allocation cost no memory until a long conversation fills them.
-        cache.k.push_back(Tensor::empty({kv_held, capacity, config_.head_dim}, options_.compute));
-        cache.v.push_back(Tensor::empty({kv_held, capacity, config_.head_dim}, options_.compute));
+        cache.k.push_back(Tensor::empty({kv_held, capacity, config_.head_dim}, options_.cache));
+        cache.v.push_back(Tensor::empty({kv_held, capacity, config_.head_dim}, options_.cache));
     }
     return cache;
 }
 
 size_t Qwen2::weight_bytes() const {
-    size_t total = embed_tokens.nbytes() + final_norm.nbytes() + lm_head.panels.nbytes();
+    size_t total = embed_tokens.nbytes() + final_norm.nbytes() + lm_head.nbytes();
     for (const Qwen2Layer& l : layers)
-        total += l.attn_norm.nbytes() + l.qkv.panels.nbytes() + l.qkv_bias.nbytes() + l.o.panels.nbytes() +
-                 l.ffn_norm.nbytes() + l.gate_up.panels.nbytes() + l.down.panels.nbytes();
+        total += l.attn_norm.nbytes() + l.qkv.nbytes() + l.qkv_bias.nbytes() + l.o.nbytes() + l.ffn_norm.nbytes() +
+                 l.gate_up.nbytes() + l.down.nbytes();
     return total;
 }
 
@@ -205,6 +270,7 @@ void Qwen2::mlp_block(Workspace& ws, const Qwen2Layer& layer) {
 
 Tensor Qwen2::forward(KVCache& cache, const std::vector<int32_t>& tokens, bool all_positions) {
     const int64_t M = static_cast<int64_t>(tokens.size());
+    LLAISYS_CHECK(loaded_, "the model's weights are not all loaded (finish_loading)");
     LLAISYS_CHECK(M > 0, "forward needs at least one token");
     LLAISYS_CHECK(static_cast<int64_t>(cache.tokens.size()) + M <= cache.capacity, "tokens exceed the cache capacity");
     LLAISYS_CHECK(static_cast<int64_t>(cache.k.size()) == config_.n_layer, "cache belongs to another model");

@@ -39,32 +39,18 @@ struct Shard {
 enum class Reduction { Exact, Fast };
 
 struct Qwen2Options {
-    DType compute = DType::BF16;  // weight and cache dtype: BF16 or F32
+    DType cache = DType::BF16;    // key/value cache dtype: BF16 or F32
     int threads = 1;
     Reduction reduction = Reduction::Exact;
     int64_t ffn_block = 64;       // down_proj's fixed-point block; shard bounds are multiples of it
 };
 
-// This shard's slices of the checkpoint's tensors, as stored there (matrices are [out, in]); which
-// slice each is comes from the weight table in llaisys_chat/model/weights.py. An absent optional
-// tensor is an empty Tensor.
-struct Qwen2LayerWeights {
-    Tensor attn_norm;               // [D]
-    Tensor q, q_bias;               // [H_l * head_dim, D], [H_l * head_dim] (bias optional)
-    Tensor k, k_bias;               // [KV_l * head_dim, D], [KV_l * head_dim] (bias optional)
-    Tensor v, v_bias;               // [KV_l * head_dim, D], [KV_l * head_dim] (bias optional)
-    Tensor o;                       // [D, H_l * head_dim]
-    Tensor ffn_norm;                // [D]
-    Tensor gate, up;                // [F_l, D]
-    Tensor down;                    // [D, F_l]
-};
-
-struct Qwen2Weights {
-    Tensor embed_tokens;            // [V_l, D]
-    Tensor final_norm;              // [D]
-    Tensor lm_head;                 // [V_l, D]; empty when tied to embed_tokens
-    std::vector<Qwen2LayerWeights> layers;
-};
+// The weights a model loads, one tensor at a time: this shard's slice of each checkpoint tensor, as
+// stored there (matrices [out, in]); which slice is the weight table in llaisys_chat/model/weights.py.
+//   EmbedTokens, LmHead [V_l, D]; FinalNorm, AttnNorm, FfnNorm [D];
+//   Q [H_l * head_dim, D], K and V [KV_l * head_dim, D] (with optional biases of their rows);
+//   O [D, H_l * head_dim]; Gate and Up [F_l, D]; Down [D, F_l].
+enum class Slot : uint8_t { EmbedTokens, FinalNorm, LmHead, AttnNorm, Q, QBias, K, KBias, V, VBias, O, FfnNorm, Gate, Up, Down };
 
 // In-place sum of a contiguous f32 or i64 tensor over the ranks that hold the other shards.
 using AllReduce = std::function<void(Tensor&)>;
@@ -79,18 +65,28 @@ struct KVCache {
 
 struct Qwen2Layer {
     Tensor attn_norm;            // [D]
-    ops::PackedWeight qkv;       // [(H_l + 2 H_kv_l) * head_dim, D]: q, k, v rows of the held heads
-    Tensor qkv_bias;             // [(H_l + 2 H_kv_l) * head_dim]
+    ops::PackedWeight q, k, v;   // while loading; fused into qkv once all are in
+    ops::PackedWeight qkv;       // [(H_l + 2 KV_l) * head_dim, D]: q, k, v rows of the held heads
+    Tensor q_bias, k_bias, v_bias;  // while loading (each optional)
+    Tensor qkv_bias;             // [(H_l + 2 KV_l) * head_dim] f32
     ops::PackedWeight o;         // [D, H_l * head_dim]: o_proj columns of the held heads
     Tensor ffn_norm;             // [D]
+    ops::PackedWeight gate, up;  // while loading
     ops::PackedWeight gate_up;   // [2 F_l, D]: gate rows then up rows of the held columns
     ops::PackedWeight down;      // [D, F_l]
 };
 
 class Qwen2 {
   public:
-    Qwen2(const Qwen2Config& config, const Shard& shard, const Qwen2Weights& weights, const Qwen2Options& options,
-          AllReduce all_reduce);
+    Qwen2(const Qwen2Config& config, const Shard& shard, const Qwen2Options& options, AllReduce all_reduce);
+
+    // Loads one weight (`layer` is ignored for the global ones) into its packed place in `dtype`:
+    // matrices and the embedding table in BF16, F32 or a quantized type (ops::pack_weight), norms
+    // and biases in f32. The source is not referenced afterwards, so its memory can be released.
+    void load(Slot slot, int64_t layer, const Tensor& w, DType dtype);
+    // Checks that every weight has been loaded (biases are optional) and fuses the projections;
+    // the model can run from then on.
+    void finish_loading();
 
     KVCache new_cache(int64_t capacity) const;
     // Runs `tokens` after those already in the cache, appends them to it, and returns the logits
@@ -126,10 +122,11 @@ class Qwen2 {
     Shard shard_;
     Qwen2Options options_;
     AllReduce all_reduce_;
-    Tensor embed_tokens;          // [V_l, D]
+    bool loaded_ = false;
+    Tensor embed_tokens;          // [V_l, D], in the dtype it was loaded in
     std::vector<Qwen2Layer> layers;
     Tensor final_norm;            // [D]
-    ops::PackedWeight lm_head;    // [V_l, D]
+    ops::PackedWeight lm_head;    // [V_l, D]; packed from embed_tokens when tied (never loaded)
     std::vector<int64_t> kv_head_of;  // held query head -> held cache head
     Workspace ws_;       // full-size buffers
     Workspace current_;  // views of them for the chunk being computed

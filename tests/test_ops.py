@@ -1,9 +1,9 @@
 """Each native op against a numpy reference, over several shapes and the three float dtypes."""
 import numpy as np
 import pytest
+from tiny import to_bf16_bits
 
 from llaisys_chat import _native
-from llaisys_chat.model.gguf_convert import to_bf16_bits
 
 DTYPES = ["f32", "f16", "bf16"]
 # Relative tolerance of a result stored in each dtype (a few units of its last place).

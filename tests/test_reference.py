@@ -4,8 +4,8 @@ import pytest
 
 from llaisys_chat.engine import Engine
 from llaisys_chat.generate import generate
+from llaisys_chat.model.builtins import builtin_gguf, find_builtin
 from llaisys_chat.model.chat_format import ChatFormat
-from llaisys_chat.model.demo import demo_gguf
 
 torch = pytest.importorskip("torch", reason="the test extra (torch, transformers) is not installed")
 transformers = pytest.importorskip("transformers")
@@ -32,7 +32,7 @@ CONVERSATIONS = [
 @pytest.fixture(scope="module")
 def hf():
     """transformers' tokenizer and f32 model, both read from the demo GGUF itself."""
-    gguf = demo_gguf()
+    gguf = builtin_gguf(find_builtin("demo"))
     tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     model.eval()
@@ -41,7 +41,7 @@ def hf():
 
 @pytest.fixture(scope="module")
 def engine_f32():
-    return Engine("demo", compute="f32", threads=2)
+    return Engine("demo", weights="f32", threads=2)
 
 
 def test_tokenization_matches(hf, demo_folder):
@@ -66,7 +66,7 @@ def test_chat_template_matches(hf, demo_folder):
 
 def test_first_step_logits_match_in_f32(hf, engine_f32):
     _, model = hf
-    assert engine_f32.compute == "f32"
+    assert engine_f32.weights == "f32"
     for messages in CONVERSATIONS:
         ids = engine_f32.chat.encode_chat(messages)
         with torch.no_grad():

@@ -3,13 +3,28 @@ import json
 from pathlib import Path
 
 import numpy as np
+import safetensors
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-
-from llaisys_chat.model.gguf_convert import save_safetensors, to_bf16_bits
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
             "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def to_bf16_bits(values: np.ndarray) -> np.ndarray:
+    """f32 -> bf16 bits (as uint16), rounding to nearest even."""
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def save_safetensors(arrays: dict[str, np.ndarray], file: Path) -> None:
+    """Write numpy arrays to a safetensors file; uint16 arrays are stored as BF16 bits."""
+    specs = {
+        name: safetensors.TensorSpec(dtype="bfloat16" if a.dtype == np.uint16 else a.dtype.name, shape=list(a.shape),
+                                     data_ptr=a.ctypes.data, data_len=a.nbytes)
+        for name, a in arrays.items()
+    }
+    safetensors.serialize_file(specs, str(file), metadata={"format": "pt"})
 
 
 def byte_tokenizer() -> Tokenizer:
@@ -86,12 +101,16 @@ def write_tiny_model(folder: Path, *, layers=2, hidden=32, heads=4, kv_heads=2, 
 
 
 def load_weights_f64(folder: Path) -> dict[str, np.ndarray]:
-    """The stored weights of a tiny model as float64 (bf16 bits widened)."""
+    """The stored weights of a tiny model as float64 by Hugging Face name (bf16 bits widened)."""
     from llaisys_chat.model.checkpoint import Checkpoint
+    from llaisys_chat.model.config import ModelConfig
+    from llaisys_chat.model.weights import model_weights
 
     checkpoint = Checkpoint(folder)
     out = {}
-    for name in checkpoint.names():
-        a = np.asarray(checkpoint[name])
-        out[name] = (a.astype(np.uint32) << 16).view(np.float32).astype(np.float64) if a.dtype == np.uint16 else a.astype(np.float64)
+    for weight in model_weights(ModelConfig.from_file(Path(folder) / "config.json")):
+        if weight in checkpoint:
+            a = np.asarray(checkpoint.tensor(weight).data)
+            wide = (a.astype(np.uint32) << 16).view(np.float32) if a.dtype == np.uint16 else a
+            out[weight.hf_name] = wide.astype(np.float64)
     return out

@@ -7,7 +7,7 @@ pieces over it and reads stop requests from it, so streaming costs microseconds 
 import os
 import socket
 
-from ..model.files import resolve_model, weight_dtype
+from ..model.files import resolve_model
 from ..protocol.messages import build_messages
 from ..protocol.request import MAX_NEW_TOKENS, ReplyRequest
 from ..protocol.sampling import SamplingParams
@@ -42,7 +42,7 @@ class ClusterClient:
         if held != spec:
             if self._ranks.local:
                 # Download/convert here, where progress shows; the engines then find the files ready.
-                resolve_model(model, dtype=weight_dtype(engine_options.get("compute", "auto")))
+                resolve_model(model)
             self._say(f"loading {model} on {self.n_ranks} ranks...")
         results = self._on_ranks("load", spec, timeout=LOAD_TIMEOUT)
         self.spec = spec
@@ -118,7 +118,7 @@ class ClusterClient:
     def _summary(self, per_rank: list[dict]) -> dict:
         first, ranks = per_rank[0], self._ranks.ranks
         return {"model": self.spec["model"] if self.spec else first["model"], "folder": first["model"],
-                "ranks": self.n_ranks, "max_context": first["max_context"], "compute": first["compute"],
+                "ranks": self.n_ranks, "max_context": first["max_context"], "weights": first["weights"],
                 "threads_per_rank": first["threads"], "hosts": sorted({r["host"] for r in ranks}),
                 "per_rank": [{"rank": r["rank"], "host": r["host"], "pid": r["pid"], "rss_bytes": i["rss_bytes"],
                               "weight_bytes": i["weight_bytes"], "cache_bytes": i["cache_bytes"], "shard": i["shard"]}

@@ -18,12 +18,12 @@ from ..errors import LlaisysError
 from ..model.chat_format import ChatFormat
 from ..model.checkpoint import Checkpoint
 from ..model.config import ModelConfig
-from ..model.files import resolve_model, weight_dtype
-from ..model.weights import EMBED_TOKENS
+from ..model.files import resolve_model
 from ..protocol.messages import partial_suffix
 from ..protocol.reply import GenerationStats
 from ..protocol.sampling import SamplingParams
 from .collectives import SingleProcess, raise_if_any_failed
+from .loading import cache_type, column_units, load_weights, packed_types
 from .sampling import STOP, choose_token
 from .shard_plan import ShardPlan
 
@@ -34,36 +34,33 @@ class Engine:
     """A Qwen2 model (or this rank's shard of it) ready to generate."""
 
     def __init__(self, model="demo", *, group=None, threads: int | None = None, max_context: int | None = None,
-                 compute: str = "auto", reduction: str = "exact", cache_slots: int = 4):
+                 weights: str = "auto", reduction: str = "exact", cache_slots: int = 4):
         self.group = group or SingleProcess()
         error = None
         try:
-            self._load(model, threads, max_context, compute, reduction, cache_slots)
+            self._load(model, threads, max_context, weights, reduction, cache_slots)
         except Exception as e:  # whatever failed here, every rank must hear of it or the others wait forever
             error = e
         raise_if_any_failed(self.group, error)
 
-    def _load(self, model, threads, max_context, compute, reduction, cache_slots):
-        if compute not in ("auto", "bf16", "f32"):
-            raise LlaisysError(f"compute must be auto, bf16 or f32, not {compute!r}")
+    def _load(self, model, threads, max_context, weights, reduction, cache_slots):
         if reduction not in ("exact", "fast"):
             raise LlaisysError(f"reduction must be exact or fast, not {reduction!r}")
-        self.folder = resolve_model(model, dtype=weight_dtype(compute))
+        self.folder = resolve_model(model)
         self.config = ModelConfig.from_file(self.folder / "config.json")
         self.chat = ChatFormat(self.folder)
-        self.plan = ShardPlan.for_rank(self.config, self.group.rank, self.group.size)
         checkpoint = Checkpoint(self.folder)
         checkpoint.check_shapes(self.config)
-        if compute == "auto":
-            compute = "f32" if checkpoint.dtype_name(EMBED_TOKENS.hf) == "f32" else "bf16"
-        self.compute = compute
+        types = packed_types(checkpoint, self.config, weights)
+        head_unit, ffn_unit = column_units(checkpoint, self.config, types)
+        self.plan = ShardPlan.for_rank(self.config, self.group.rank, self.group.size, head_unit, ffn_unit)
+        self.weights = "+".join(sorted({t for w, t in types.items() if len(w.shape(self.config)) == 2}))
         self.threads = threads or default_threads(self.group)
-        options = _native.Qwen2Options(compute=getattr(_native.DType, compute.upper()), threads=self.threads,
+        options = _native.Qwen2Options(cache=getattr(_native.DType, cache_type(types).upper()), threads=self.threads,
                                        reduction=getattr(_native.Reduction, reduction.upper()),
                                        ffn_block=self.plan.ffn_block)
-        self.model = _native.Qwen2(native_config(self.config), self.plan.native(),
-                                   native_weights(self.plan.slice_weights(checkpoint, self.config), self.config),
-                                   options, mpi=self.group.native_mpi())
+        self.model = _native.Qwen2(native_config(self.config), self.plan.native(), options, mpi=self.group.native_mpi())
+        load_weights(self.model, checkpoint, self.plan, self.config, types)
         del checkpoint  # unmap the file: only the packed shard stays resident
         self.max_context = max_context or min(self.config.max_position_embeddings, DEFAULT_MAX_CONTEXT)
         if self.max_context < 2:
@@ -95,7 +92,7 @@ class Engine:
         """What this rank holds: model, shard bounds, bytes of weights and caches, resident memory."""
         return {
             "model": str(self.folder), "rank": self.group.rank, "ranks": self.group.size, "threads": self.threads,
-            "compute": self.compute, "max_context": self.max_context, "shard": self.plan.bounds(),
+            "weights": self.weights, "max_context": self.max_context, "shard": self.plan.bounds(),
             "weight_bytes": self.model.weight_bytes, "cache_bytes": sum(c.nbytes for c in self._caches.values()),
             "rss_bytes": resident_bytes(),
         }
@@ -199,16 +196,6 @@ def native_config(config: ModelConfig) -> "_native.Qwen2Config":
                                n_head_kv=config.num_key_value_heads, head_dim=config.head_dim,
                                ffn_size=config.intermediate_size, rope_theta=config.rope_theta,
                                rms_eps=config.rms_norm_eps)
-
-
-def native_weights(slices: dict, config: ModelConfig) -> "_native.Qwen2Weights":
-    """This rank's weight slices placed in the native model's fields, as the weight table names them."""
-    layers = [_native.Qwen2LayerWeights() for _ in range(config.num_hidden_layers)]
-    weights = _native.Qwen2Weights()
-    for weight, array in slices.items():
-        setattr(weights if weight.layer is None else layers[weight.layer], weight.spec.native, array)
-    weights.layers = layers
-    return weights
 
 
 def default_threads(group) -> int:

@@ -9,17 +9,18 @@ Which tensor is split which way is the weight table's `split` column (model/weig
 
 Head counts need not divide by N: ranks get contiguous, uneven head ranges, and each holds every
 key/value head its query heads read (replicated when N exceeds the number of KV heads).
-Row-parallel sums are joined in fixed-point blocks (see native/ops.hpp) whose bounds never move with N.
+Row-parallel sums are joined in fixed-point blocks (see native/ops.hpp) whose bounds never move with N,
+and the row-parallel splits fall on whole units of heads and MLP columns, so that no block of a
+quantized o_proj or down_proj straddles two ranks.
 """
+import math
 from dataclasses import asdict, dataclass
-
-import numpy as np
 
 from .. import _native
 from ..errors import LlaisysError
-from ..model.checkpoint import Checkpoint
+from ..model.checkpoint import StoredTensor
 from ..model.config import ModelConfig
-from ..model.weights import Weight, model_weights
+from ..model.weights import Weight
 
 
 def split(n: int, parts: int, index: int) -> tuple[int, int]:
@@ -51,19 +52,21 @@ class ShardPlan:
     ffn_block: int
 
     @classmethod
-    def for_rank(cls, config: ModelConfig, rank: int, size: int) -> "ShardPlan":
-        """Rank `rank` of `size`: contiguous heads, whole reduction blocks of the MLP, a run of vocabulary."""
-        block = reduction_block(config.intermediate_size)
-        n_blocks = config.intermediate_size // block
-        limit = min(config.num_attention_heads, n_blocks)
+    def for_rank(cls, config: ModelConfig, rank: int, size: int, head_unit: int = 1, ffn_unit: int = 1) -> "ShardPlan":
+        """Rank `rank` of `size`: contiguous heads in whole units of `head_unit` heads, whole
+        fixed-point blocks of the MLP (also whole units of `ffn_unit` columns), a run of vocabulary."""
+        block = math.lcm(reduction_block(config.intermediate_size), ffn_unit)
+        head_range = _units(config.num_attention_heads, head_unit)
+        ffn_range = _units(config.intermediate_size, block)
+        limit = min(len(head_range) - 1, len(ffn_range) - 1)
         if size > limit:
             raise LlaisysError(f"this model can be split over at most {limit} ranks, not {size}")
-        head_begin, head_end = split(config.num_attention_heads, size, rank)
+        head_begin, head_end = (head_range[i] for i in split(len(head_range) - 1, size, rank))
+        ffn_begin, ffn_end = (ffn_range[i] for i in split(len(ffn_range) - 1, size, rank))
         group = config.num_attention_heads // config.num_key_value_heads
-        block_begin, block_end = split(n_blocks, size, rank)
         vocab_begin, vocab_end = split(config.vocab_size, size, rank)
         return cls(head_begin, head_end, head_begin // group, (head_end - 1) // group + 1,
-                   block_begin * block, block_end * block, vocab_begin, vocab_end, block)
+                   ffn_begin, ffn_end, vocab_begin, vocab_end, block)
 
     def bounds(self) -> dict[str, int]:
         """The shard's [begin, end) ranges by name (head_begin, head_end, ...)."""
@@ -75,19 +78,19 @@ class ShardPlan:
         """The shard bounds as the native model takes them."""
         return _native.Shard(**self.bounds())
 
-    def slice_of(self, weight: Weight, array: np.ndarray, config: ModelConfig) -> np.ndarray:
+    def slice_of(self, weight: Weight, stored: StoredTensor, config: ModelConfig) -> StoredTensor:
         """This rank's view of one full tensor, as the weight table says it is split."""
         split_ = weight.spec.split
         if split_.axis is None:
-            return array
+            return stored
         hd = config.head_dim
         held = {"head": slice(self.head_begin * hd, self.head_end * hd),
                 "kv_head": slice(self.kv_begin * hd, self.kv_end * hd),
                 "ffn": slice(self.ffn_begin, self.ffn_end),
                 "vocab": slice(self.vocab_begin, self.vocab_end)}[split_.over]
-        return array[held] if split_.axis == 0 else array[:, held]
+        return stored.rows(held) if split_.axis == 0 else stored.columns(held)
 
-    def slice_weights(self, checkpoint: Checkpoint, config: ModelConfig) -> dict[Weight, np.ndarray]:
-        """This rank's views of the memory-mapped weights the checkpoint holds; only they will ever be read."""
-        return {w: self.slice_of(w, checkpoint[w.hf_name], config)
-                for w in model_weights(config) if w.hf_name in checkpoint}
+
+def _units(n: int, unit: int) -> list[int]:
+    """Bounds of n items cut into whole units (the last one may be short)."""
+    return list(range(0, n, unit)) + [n]

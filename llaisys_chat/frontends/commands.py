@@ -106,7 +106,7 @@ class Commands:
                              for n, (k, _) in PARAMETERS.items())
         used = self.context_used()
         lines = [f"Model: {info['model']} ({info['folder']})",
-                 f"Ranks: {info['ranks']} on {', '.join(info['hosts'])}, {info['threads_per_rank']} thread(s) each, {info['compute']}",
+                 f"Ranks: {info['ranks']} on {', '.join(info['hosts'])}, {info['threads_per_rank']} thread(s) each, weights {info['weights']}",
                  f"Context: {used} of {info['max_context']} tokens used",
                  f"Settings: {settings}",
                  f"System prompt: {self.session.system or '(none)'}",

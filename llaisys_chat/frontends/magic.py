@@ -35,7 +35,7 @@ LINE_USAGE = ("%llaisys connect [options] | model M | [--session NAME] COMMAND [
 
 def _cell_parser() -> MagicArgumentParser:
     p = MagicArgumentParser(prog="%%llaisys", description="Send the cell to the model as the next message.")
-    p.add_argument("--system", help="set this conversation's system prompt")
+    p.add_argument("--system", help="set this conversation's system prompt (default: keep it)")
     add_sampling_options(p)
     which = p.add_mutually_exclusive_group()
     which.add_argument("--session", default=DEFAULT_SESSION, help="the conversation to continue (default: 'default')")

@@ -2,7 +2,8 @@
 how to sample. The REPL, the magic, the chat kernel and llaisys-generate all add them from here."""
 from .. import __version__
 from ..client.session import CHAT_DEFAULTS
-from ..protocol.request import MAX_NEW_TOKENS
+from ..model.builtins import BUILTINS, DEFAULT_MODEL
+from ..protocol.request import MAX_NEW_TOKENS, WEIGHT_TYPES
 
 CHAT_SAMPLING = {**CHAT_DEFAULTS, "max_new_tokens": MAX_NEW_TOKENS}  # what a chat uses when not told otherwise
 
@@ -11,16 +12,20 @@ def add_version_option(parser) -> None:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
 
 
-def add_model_option(parser) -> None:
-    """--model: the model to load."""
-    parser.add_argument("--model", default="demo",
-                        help="'demo' (Qwen2.5-Coder-0.5B-Instruct, downloaded on first use), a .gguf file or a "
-                             "Hugging Face model folder (default: demo)")
+def add_model_options(parser) -> None:
+    """--model and --weights: the model to load, and the type its weights are computed in."""
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help=f"a built-in model ({', '.join(m.name for m in BUILTINS)}; 'demo' is the first; "
+                             f"`llaisys-chat models` lists them), a .gguf file or a Hugging Face model folder "
+                             f"(default: {DEFAULT_MODEL})")
+    parser.add_argument("--weights", choices=WEIGHT_TYPES, default="auto",
+                        help="the weights' type: auto keeps a GGUF's own types and computes safetensors in bf16 "
+                             "(f32 ones in f32); q8_0 and q4_0 quantize when loading (default: auto)")
 
 
 def add_cluster_options(parser) -> None:
-    """--model, --profile | --cluster-id, -n: which model, on which cluster (cluster.connect()'s arguments)."""
-    add_model_option(parser)
+    """--model, --weights, --profile | --cluster-id, -n: which model, on which cluster (cluster.connect()'s arguments)."""
+    add_model_options(parser)
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--profile", help="ipyparallel profile of the cluster (default: 'default')")
     where.add_argument("--cluster-id", help="ipyparallel cluster id (default: none)")
@@ -28,7 +33,8 @@ def add_cluster_options(parser) -> None:
                         help="MPI engines to start when no cluster runs (default: one per core)")
 
 
-_CLUSTER_FLAGS = {"model": "--model", "profile": "--profile", "cluster_id": "--cluster-id", "n": "-n"}
+_CLUSTER_FLAGS = {"model": "--model", "weights": "--weights", "profile": "--profile", "cluster_id": "--cluster-id",
+                  "n": "-n"}
 
 
 def cluster_options(args) -> dict:

@@ -5,6 +5,8 @@ from dataclasses import dataclass, field
 from .sampling import SamplingParams
 
 MAX_NEW_TOKENS = 512  # a reply's length limit unless the caller sets one
+# What a model's matrices are computed in (the load option `weights`): its own types, or one for all.
+WEIGHT_TYPES = ("auto", "bf16", "f32", "q8_0", "q4_0")
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 #include <cstring>
 
 #include "../ops.hpp"
+#include "../quant.hpp"
 #include "rows.hpp"
 
 namespace llaisys::ops {
@@ -8,7 +9,7 @@ namespace llaisys::ops {
 void embedding(Tensor& out, const Tensor& ids, const Tensor& table, int64_t vocab_begin) {
     LLAISYS_CHECK(ids.ndim() == 1 && ids.is_contiguous(), "embedding: ids must be a contiguous vector");
     LLAISYS_CHECK(ids.dtype == DType::I32 || ids.dtype == DType::I64, "embedding: ids must be integers");
-    LLAISYS_CHECK(table.ndim() == 2 && table.is_contiguous(), "embedding: table must be a contiguous matrix");
+    LLAISYS_CHECK(table.ndim() == 2 && table.strides[1] == 1, "embedding: table must be a matrix with contiguous rows");
     int64_t dim = table.size(1);
     check_rows(out, dim, "embedding out");
     LLAISYS_CHECK(n_rows(out) == ids.numel(), "embedding: one output row per id");
@@ -17,7 +18,7 @@ void embedding(Tensor& out, const Tensor& ids, const Tensor& table, int64_t voca
         int64_t id = ids.dtype == DType::I32 ? ids.data<int32_t>()[m] : ids.data<int64_t>()[m];
         int64_t local = id - vocab_begin;
         if (local >= 0 && local < table.size(0)) {
-            to_f32(row.data(), table.row(local), table.dtype, dim);
+            quant::dequantize_row(table.dtype, table.row(local), row.data(), dim);
         } else {
             std::fill(row.begin(), row.end(), 0.0f);
         }

@@ -1,50 +1,50 @@
 // Matrix products against packed weights. Decode (one token) is bound by memory bandwidth, prefill
-// by arithmetic; one tiled kernel serves both: a tile of tokens x panels keeps its accumulators in
-// registers while it streams through the panels' k range once.
+// by arithmetic; one tiled loop serves both: a tile of tokens x output rows keeps its accumulators in
+// registers while it streams through the rows' k range once. Float panels use f32 (or bf16 pair)
+// FMAs; quantized panels use integer dot products (linear_quant.cpp).
 #include <array>
 #include <bit>
 #include <cstring>
+#include <immintrin.h>
 #include <type_traits>
 #include <utility>
 
-#if defined(__AVX512BF16__)
-#include <immintrin.h>
-#endif
-
 #include "../ops.hpp"
+#include "../quant.hpp"
+#include "panels.hpp"
 #include "rows.hpp"
+#include "tiles.hpp"
 
 namespace llaisys::ops {
 namespace {
 
-// Portable 16-lane vectors: GCC lowers them to one zmm, two ymm or four xmm registers.
-typedef float f32x16 __attribute__((vector_size(64)));
-typedef uint32_t u32x16 __attribute__((vector_size(64)));
-
-// Tile shapes, sized so that accumulators and operands fit the vector register file.
-#if defined(__AVX512F__)
+// Float tile shapes: tokens x panels, sized so that accumulators fit the vector registers.
+#if defined(__AVX512BF16__)
 constexpr int64_t kTileTokens = 8, kTilePanelsPrefill = 2, kTilePanelsDecode = 4;
 #else
-constexpr int64_t kTileTokens = 4, kTilePanelsPrefill = 1, kTilePanelsDecode = 2;
+constexpr int64_t kTileTokens = 4, kTilePanelsPrefill = 1, kTilePanelsDecode = 4;
 #endif
 constexpr int kMaxTokens = 8, kMaxPanels = kGroup;
 static_assert(kGroup % kTilePanelsDecode == 0 && kGroup % kTilePanelsPrefill == 0, "tiles must not straddle groups");
-// Software prefetch distance, in k-pairs ahead of the tile's loads (measured: 8 to 64 do alike).
-constexpr int64_t kPrefetchPairs = 32;
+// Software prefetch distance, in k steps ahead of the tile's loads (measured: 8 to 64 do alike).
+constexpr int64_t kPrefetchSteps = 32;
+
+#if defined(__AVX512BF16__)
+// bf16 lhs: x rounded to bf16, k-pairs side by side, as _mm512_dpbf16_ps consumes them.
+using Bf16Lhs = uint16_t;
 
 // tile[m][p*16 + lane] = sum over k-pairs [kp0, kp1) of x[m] . W[panel p, lane]; bf16 operands.
 // Panel p's k-pair kp lies at w + kp * row_stride + p * 32.
 template <int MT, int NP>
-void tile_bf16(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t row_stride, int64_t kp0,
-               int64_t kp1, float* tile) {
-#if defined(__AVX512BF16__)
+void tile_bf16(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t row_stride, int64_t kp0, int64_t kp1,
+               float* tile) {
     __m512 acc[MT][NP];
     for (int m = 0; m < MT; ++m)
         for (int p = 0; p < NP; ++p) acc[m][p] = _mm512_setzero_ps();
     for (int64_t kp = kp0; kp < kp1; ++kp) {
         __m512bh wv[NP];
         for (int p = 0; p < NP; ++p) {
-            __builtin_prefetch(w + (kp + kPrefetchPairs) * row_stride + p * 32);
+            __builtin_prefetch(w + (kp + kPrefetchSteps) * row_stride + p * 32);
             wv[p] = (__m512bh)_mm512_load_si512(w + kp * row_stride + p * 32);
         }
         for (int m = 0; m < MT; ++m) {
@@ -56,172 +56,211 @@ void tile_bf16(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t row_st
     }
     for (int m = 0; m < MT; ++m)
         for (int p = 0; p < NP; ++p) _mm512_storeu_ps(tile + (m * NP + p) * kPanel, acc[m][p]);
+}
 #else
-    // bf16 -> f32 is a 16-bit shift: the low half of each 32-bit pair is k, the high half k+1.
-    f32x16 acc[MT][NP] = {};
+// f32 lhs holding x rounded to bf16: the same products as the bf16 instructions compute.
+using Bf16Lhs = float;
+
+// As above with AVX2: bf16 -> f32 is a 16-bit shift; the low half of each 32-bit pair is k, the
+// high half k+1. A panel's 16 rows are two 8-lane halves.
+template <int MT, int NP>
+void tile_bf16(const float* x, int64_t ldx, const uint16_t* w, int64_t row_stride, int64_t kp0, int64_t kp1,
+               float* tile) {
+    __m256 acc[MT][NP][2];
+    for (int m = 0; m < MT; ++m)
+        for (int p = 0; p < NP; ++p) acc[m][p][0] = acc[m][p][1] = _mm256_setzero_ps();
+    const __m256i high = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
     for (int64_t kp = kp0; kp < kp1; ++kp) {
-        f32x16 w_lo[NP], w_hi[NP];
+        const uint16_t* wk = w + kp * row_stride;
         for (int p = 0; p < NP; ++p) {
-            u32x16 pairs;
-            std::memcpy(&pairs, w + kp * row_stride + p * 32, sizeof pairs);
-            w_lo[p] = (f32x16)(pairs << 16);
-            w_hi[p] = (f32x16)(pairs & 0xffff0000u);
-        }
-        for (int m = 0; m < MT; ++m) {
-            uint32_t pair;
-            std::memcpy(&pair, x + m * ldx + 2 * kp, sizeof pair);
-            float x_lo = std::bit_cast<float>(pair << 16), x_hi = std::bit_cast<float>(pair & 0xffff0000u);
-            for (int p = 0; p < NP; ++p) {
-                acc[m][p] += x_lo * w_lo[p];
-                acc[m][p] += x_hi * w_hi[p];
+            __builtin_prefetch(wk + kPrefetchSteps * row_stride + p * 32);
+            for (int h = 0; h < 2; ++h) {
+                const __m256i v = _mm256_load_si256(reinterpret_cast<const __m256i*>(wk + p * 32 + h * 16));
+                const __m256 lo = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+                const __m256 hi = _mm256_castsi256_ps(_mm256_and_si256(v, high));
+                for (int m = 0; m < MT; ++m) {
+                    acc[m][p][h] = _mm256_fmadd_ps(_mm256_broadcast_ss(x + m * ldx + 2 * kp), lo, acc[m][p][h]);
+                    acc[m][p][h] = _mm256_fmadd_ps(_mm256_broadcast_ss(x + m * ldx + 2 * kp + 1), hi, acc[m][p][h]);
+                }
             }
         }
     }
     for (int m = 0; m < MT; ++m)
-        for (int p = 0; p < NP; ++p) std::memcpy(tile + (m * NP + p) * kPanel, &acc[m][p], sizeof(f32x16));
-#endif
+        for (int p = 0; p < NP; ++p)
+            for (int h = 0; h < 2; ++h) _mm256_storeu_ps(tile + (m * NP + p) * kPanel + h * 8, acc[m][p][h]);
 }
+#endif
 
 // The same over k in [k0, k1) with f32 operands; panel p's k lies at w + k * row_stride + p * 16.
 template <int MT, int NP>
-void tile_f32(const float* x, int64_t ldx, const float* w, int64_t row_stride, int64_t k0, int64_t k1,
-              float* tile) {
-    f32x16 acc[MT][NP] = {};
+void tile_f32(const float* x, int64_t ldx, const float* w, int64_t row_stride, int64_t k0, int64_t k1, float* tile) {
+    __m256 acc[MT][NP][2];
+    for (int m = 0; m < MT; ++m)
+        for (int p = 0; p < NP; ++p) acc[m][p][0] = acc[m][p][1] = _mm256_setzero_ps();
     for (int64_t k = k0; k < k1; ++k) {
-        f32x16 wv[NP];
-        for (int p = 0; p < NP; ++p) std::memcpy(&wv[p], w + k * row_stride + p * kPanel, sizeof(f32x16));
-        for (int m = 0; m < MT; ++m) {
-            float xv = x[m * ldx + k];
-            for (int p = 0; p < NP; ++p) acc[m][p] += xv * wv[p];
+        const float* wk = w + k * row_stride;
+        for (int p = 0; p < NP; ++p) {
+            __builtin_prefetch(wk + kPrefetchSteps * row_stride + p * kPanel);
+            for (int h = 0; h < 2; ++h) {
+                const __m256 wv = _mm256_load_ps(wk + p * kPanel + h * 8);
+                for (int m = 0; m < MT; ++m)
+                    acc[m][p][h] = _mm256_fmadd_ps(_mm256_broadcast_ss(x + m * ldx + k), wv, acc[m][p][h]);
+            }
         }
     }
     for (int m = 0; m < MT; ++m)
-        for (int p = 0; p < NP; ++p) std::memcpy(tile + (m * NP + p) * kPanel, &acc[m][p], sizeof(f32x16));
+        for (int p = 0; p < NP; ++p)
+            for (int h = 0; h < 2; ++h) _mm256_storeu_ps(tile + (m * NP + p) * kPanel + h * 8, acc[m][p][h]);
 }
 
-template <class T>
-using TileFn = void (*)(const T*, int64_t, const T*, int64_t, int64_t, int64_t, float*);
+template <class X, class W>
+using TileFn = void (*)(const X*, int64_t, const W*, int64_t, int64_t, int64_t, float*);
 
-template <class T, int I>
-constexpr TileFn<T> tile_fn() {
+template <class X, class W, int I>
+constexpr TileFn<X, W> tile_fn() {
     constexpr int MT = I / kMaxPanels + 1, NP = I % kMaxPanels + 1;
-    if constexpr (std::is_same_v<T, uint16_t>) return &tile_bf16<MT, NP>;
+    if constexpr (std::is_same_v<W, uint16_t>) return &tile_bf16<MT, NP>;
     else return &tile_f32<MT, NP>;
 }
 
-template <class T, int... I>
-constexpr std::array<TileFn<T>, sizeof...(I)> tile_table(std::integer_sequence<int, I...>) {
-    return {tile_fn<T, I>()...};
+template <class X, class W, int... I>
+constexpr std::array<TileFn<X, W>, sizeof...(I)> tile_table(std::integer_sequence<int, I...>) {
+    return {tile_fn<X, W, I>()...};
 }
 
 // One instantiation per (tokens, panels) shape, so remainders run unrolled too.
-template <class T>
-void run_tile(int64_t mt, int64_t np, const T* x, int64_t ldx, const T* w, int64_t row_stride, int64_t k0,
-              int64_t k1, float* tile) {
-    static constexpr auto table = tile_table<T>(std::make_integer_sequence<int, kMaxTokens * kMaxPanels>{});
+template <class X, class W>
+void run_float_tile(int64_t mt, int64_t np, const X* x, int64_t ldx, const W* w, int64_t row_stride, int64_t k0,
+                    int64_t k1, float* tile) {
+    static constexpr auto table = tile_table<X, W>(std::make_integer_sequence<int, kMaxTokens * kMaxPanels>{});
     table[(mt - 1) * kMaxPanels + (np - 1)](x, ldx, w, row_stride, k0, k1, tile);
 }
 
-// The left operand in the kernel's element type: bf16 rows padded to the panels' even k, or f32.
-// (A per-thread buffer that only grows: fresh large allocations would fault pages on every call.)
-template <class T>
-const T* prepare_lhs(const Tensor& x, int64_t n_in_padded) {
-    int64_t rows = n_rows(x), n_in = x.size(-1);
-    thread_local std::vector<T> lhs;
-    lhs.assign(rows * n_in_padded, T{0});
+// x in the forms the parts' kernels consume, made once per call. (Per-thread buffers that only
+// grow: fresh large allocations would fault pages on every call.)
+struct Lhs {
+    const Bf16Lhs* bf16 = nullptr;  // rows of n_in rounded up to even
+    const float* f32 = nullptr;     // rows of n_in
+    const quant::ActivationBlock* blocks = nullptr;  // rows of n_in / 32 blocks
+    int64_t ld_bf16 = 0, ld_f32 = 0, ld_blocks = 0;
+};
+
+Lhs prepare_lhs(const Tensor& x, const PackedWeight& w) {
+    thread_local std::vector<Bf16Lhs> bf16;
+    thread_local std::vector<float> f32;
+    thread_local std::vector<quant::ActivationBlock> blocks;
+    const int64_t rows = n_rows(x), n_in = w.n_in;
+    bool need_bf16 = false, need_f32 = false, need_blocks = false;
+    for (const PackedPart& part : w.parts) {
+        need_bf16 |= part.dtype == DType::BF16;
+        need_f32 |= part.dtype == DType::F32;
+        need_blocks |= is_quantized(part.dtype);
+    }
+    Lhs lhs;
+    lhs.ld_bf16 = (n_in + 1) / 2 * 2;
+    lhs.ld_f32 = n_in;
+    lhs.ld_blocks = n_in / 32;
+    if (need_bf16) bf16.assign(rows * lhs.ld_bf16, Bf16Lhs{0});
+    if (need_f32) f32.resize(rows * n_in);
+    if (need_blocks) blocks.resize(rows * lhs.ld_blocks);
     std::vector<float> scratch;
     for (int64_t m = 0; m < rows; ++m) {
         const float* xr = row_f32(x, m, scratch);
-        T* dst = lhs.data() + m * n_in_padded;
-        if constexpr (std::is_same_v<T, uint16_t>) {
-            for (int64_t k = 0; k < n_in; ++k) dst[k] = f32_to_bf16(xr[k]);
-        } else {
-            std::memcpy(dst, xr, n_in * sizeof(float));
-        }
-    }
-    return lhs.data();
-}
-
-// Runs every tile of x W^T over k blocks of k_block columns and hands each to
-// sink(m0, mt, p0, np, tile). Threads split the output panels, never k: each output element is
-// computed by one thread in one fixed order, whatever the thread count.
-template <class T, class Sink>
-void for_each_tile(const Tensor& x, const PackedWeight& w, int64_t k_block, Sink sink) {
-    constexpr int64_t k_unit = std::is_same_v<T, uint16_t> ? 2 : 1;  // bf16 panels step in k-pairs
-    int64_t n_in_padded = w.panels.size(1) * k_unit;
-    const T* lhs = prepare_lhs<T>(x, n_in_padded);
-    constexpr int64_t unit = std::is_same_v<T, uint16_t> ? kPanel * 2 : kPanel;  // one panel's slice of a k step
-    const int64_t M = n_rows(x), n_panels = (w.n_out + kPanel - 1) / kPanel, row_stride = kGroup * unit;
-    const int64_t group = M == 1 ? kTilePanelsDecode : kTilePanelsPrefill;  // divides kGroup
-    const int64_t n_tiles = (n_panels + group - 1) / group;
-    const T* weights = w.panels.data<T>();
-#pragma omp parallel for schedule(static)
-    for (int64_t g = 0; g < n_tiles; ++g) {
-        int64_t p0 = g * group, np = std::min(group, n_panels - p0);
-        const T* panel0 = weights + (p0 / kGroup) * w.panels.strides[0] + (p0 % kGroup) * unit;
-        alignas(64) float tile[kMaxTokens * kMaxPanels * kPanel];
-        for (int64_t m0 = 0; m0 < M; m0 += kTileTokens) {
-            int64_t mt = std::min(kTileTokens, M - m0);
-            for (int64_t k0 = 0; k0 < n_in_padded; k0 += k_block) {
-                int64_t k1 = std::min(k0 + k_block, n_in_padded);
-                run_tile<T>(mt, np, lhs + m0 * n_in_padded, n_in_padded, panel0, row_stride, k0 / k_unit, k1 / k_unit,
-                            tile);
-                sink(m0, mt, p0, np, tile);
+        if (need_bf16) {
+            Bf16Lhs* dst = bf16.data() + m * lhs.ld_bf16;
+            for (int64_t k = 0; k < n_in; ++k) {
+                if constexpr (std::is_same_v<Bf16Lhs, uint16_t>) dst[k] = f32_to_bf16(xr[k]);
+                else dst[k] = bf16_to_f32(f32_to_bf16(xr[k]));
             }
         }
+        if (need_f32) std::memcpy(f32.data() + m * n_in, xr, n_in * sizeof(float));
+        if (need_blocks) quant::quantize_activations(xr, blocks.data() + m * lhs.ld_blocks, n_in);
+    }
+    lhs.bf16 = bf16.data();
+    lhs.f32 = f32.data();
+    lhs.blocks = blocks.data();
+    return lhs;
+}
+
+// How a part is cut into tiles: each tile is `rows` output rows (a whole number of 8-row halves
+// for quantized parts, of 16-row panels for float ones) for all tokens.
+int64_t tile_rows(const PackedPart& part, int64_t M) {
+    if (is_quantized(part.dtype)) return M == 1 ? tiles::kQuantTileHalves * tiles::kHalfRows : tiles::kHalfRows;
+    return (M == 1 ? kTilePanelsDecode : kTilePanelsPrefill) * kPanel;
+}
+
+// k in the units the part's kernel steps through: bf16 k-pairs, f32 k, quantized 32-value sub-blocks.
+int64_t k_unit(DType dtype) { return dtype == DType::BF16 ? 2 : (is_quantized(dtype) ? 32 : 1); }
+
+// Runs tile (part, first row r0) over k blocks of k_block columns and hands each result to
+// sink(m0, mt, col0, ncols, tile, ld): tile[m * ld + c] for the part's output columns col0 + c, c < ncols.
+template <class Sink>
+void run_tile(const Lhs& lhs, const PackedWeight& w, const PackedPart& part, int64_t r0, int64_t M, int64_t k_block,
+              Sink& sink) {
+    alignas(64) float tile[kMaxTokens * kMaxPanels * kPanel];
+    const int64_t rows = std::min(tile_rows(part, M), part.n_out - r0);
+    const int64_t unit = k_unit(part.dtype);
+    const int64_t k_padded = part.dtype == DType::BF16 ? lhs.ld_bf16 : w.n_in;
+    if (is_quantized(part.dtype)) {
+        const int64_t n_blocks = w.n_in / block_elements(part.dtype);
+        const int64_t chunk = panels::layout(part.dtype).chunk;
+        const std::byte* group = part.panels.base + (r0 / (kGroup * kPanel)) * n_blocks * kGroup * chunk;
+        const int h0 = static_cast<int>((r0 % (kGroup * kPanel)) / tiles::kHalfRows);
+        const int nh = static_cast<int>((rows + tiles::kHalfRows - 1) / tiles::kHalfRows);
+        for (int64_t m0 = 0; m0 < M; m0 += tiles::kQuantTileTokens) {
+            const int mt = static_cast<int>(std::min<int64_t>(M == 1 ? 1 : tiles::kQuantTileTokens, M - m0));
+            for (int64_t k0 = 0; k0 < k_padded; k0 += k_block) {
+                const int64_t k1 = std::min(k0 + k_block, k_padded);
+                tiles::quant_tile(part.dtype, mt, nh, lhs.blocks + m0 * lhs.ld_blocks, lhs.ld_blocks, group, n_blocks, h0,
+                                  k0 / unit, k1 / unit, tile);
+                sink(m0, mt, part.row_begin + r0, rows, tile, nh * tiles::kHalfRows);
+            }
+        }
+        return;
+    }
+    const int64_t p0 = r0 / kPanel, np = (rows + kPanel - 1) / kPanel;
+    const int64_t step = part.dtype == DType::BF16 ? kPanel * 2 : kPanel;  // one panel's slice of a k step
+    const int64_t row_stride = kGroup * step;
+    for (int64_t m0 = 0; m0 < M; m0 += kTileTokens) {
+        const int64_t mt = std::min(kTileTokens, M - m0);
+        for (int64_t k0 = 0; k0 < k_padded; k0 += k_block) {
+            const int64_t k1 = std::min(k0 + k_block, k_padded);
+            if (part.dtype == DType::BF16) {
+                const uint16_t* panel0 = part.panels.data<uint16_t>() + (p0 / kGroup) * part.panels.strides[0] + (p0 % kGroup) * step;
+                run_float_tile<Bf16Lhs, uint16_t>(mt, np, lhs.bf16 + m0 * lhs.ld_bf16, lhs.ld_bf16, panel0, row_stride,
+                                                  k0 / unit, k1 / unit, tile);
+            } else {
+                const float* panel0 = part.panels.data<float>() + (p0 / kGroup) * part.panels.strides[0] + (p0 % kGroup) * step;
+                run_float_tile<float, float>(mt, np, lhs.f32 + m0 * lhs.ld_f32, lhs.ld_f32, panel0, row_stride, k0, k1, tile);
+            }
+            sink(m0, mt, part.row_begin + r0, rows, tile, np * kPanel);
+        }
     }
 }
 
+// Every tile of x W^T over k blocks of k_block columns, each handed to the sink. Threads split
+// the tiles (output rows), never k: each output element is computed by one thread in one fixed
+// order, whatever the thread count.
 template <class Sink>
-void dispatch_tiles(const Tensor& x, const PackedWeight& w, int64_t k_block, Sink sink) {
+void for_each_tile(const Tensor& x, const PackedWeight& w, int64_t k_block, Sink sink) {
     LLAISYS_CHECK(x.size(-1) == w.n_in, "linear: x has the wrong number of columns");
-    if (w.panels.dtype == DType::BF16) for_each_tile<uint16_t>(x, w, k_block, sink);
-    else for_each_tile<float>(x, w, k_block, sink);
+    const Lhs lhs = prepare_lhs(x, w);
+    const int64_t M = n_rows(x);
+    std::vector<int64_t> first_tile{0};  // per part, then the total
+    for (const PackedPart& part : w.parts) {
+        const int64_t rows = tile_rows(part, M);
+        first_tile.push_back(first_tile.back() + (part.n_out + rows - 1) / rows);
+    }
+#pragma omp parallel for schedule(static)
+    for (int64_t t = 0; t < first_tile.back(); ++t) {
+        size_t i = 0;
+        while (first_tile[i + 1] <= t) ++i;
+        const PackedPart& part = w.parts[i];
+        run_tile(lhs, w, part, (t - first_tile[i]) * tile_rows(part, M), M, k_block, sink);
+    }
 }
 
 }  // namespace
-
-PackedWeight pack_weight(const Tensor& w, DType dtype) {
-    LLAISYS_CHECK(w.ndim() == 2 && w.strides[1] == 1, "pack_weight: w must be a matrix with contiguous rows");
-    LLAISYS_CHECK(dtype == DType::BF16 || dtype == DType::F32, "pack_weight: packs to bf16 or f32");
-    PackedWeight packed;
-    packed.n_out = w.size(0);
-    packed.n_in = w.size(1);
-    int64_t n_panels = (packed.n_out + kPanel - 1) / kPanel, n_groups = (n_panels + kGroup - 1) / kGroup;
-    if (dtype == DType::BF16) {
-        int64_t k_pairs = (packed.n_in + 1) / 2;
-        packed.panels = Tensor::zeros({n_groups, k_pairs, kGroup, kPanel, 2}, DType::BF16);
-    } else {
-        packed.panels = Tensor::zeros({n_groups, packed.n_in, kGroup, kPanel}, DType::F32);
-    }
-    prefer_huge_pages(packed.panels);
-#pragma omp parallel for schedule(static)
-    for (int64_t p = 0; p < n_panels; ++p) {
-        std::vector<float> row(packed.n_in);
-        const int64_t group_offset = (p / kGroup) * packed.panels.strides[0];
-        for (int64_t lane = 0; lane < kPanel && p * kPanel + lane < packed.n_out; ++lane) {
-            int64_t r = p * kPanel + lane;
-            if (dtype == DType::BF16) {
-                // element (r, k) sits at [group][k / 2][p % kGroup][lane][k % 2]
-                uint16_t* dst = packed.panels.data<uint16_t>() + group_offset + (p % kGroup) * kPanel * 2 + lane * 2;
-                auto at = [&](int64_t k) -> uint16_t& { return dst[(k / 2) * kGroup * kPanel * 2 + k % 2]; };
-                if (w.dtype == DType::BF16) {  // copy the bits: no double rounding
-                    auto src = reinterpret_cast<const uint16_t*>(w.row(r));
-                    for (int64_t k = 0; k < packed.n_in; ++k) at(k) = src[k];
-                } else {
-                    to_f32(row.data(), w.row(r), w.dtype, packed.n_in);
-                    for (int64_t k = 0; k < packed.n_in; ++k) at(k) = f32_to_bf16(row[k]);
-                }
-            } else {
-                // element (r, k) sits at [group][k][p % kGroup][lane]
-                float* dst = packed.panels.data<float>() + group_offset + (p % kGroup) * kPanel + lane;
-                to_f32(row.data(), w.row(r), w.dtype, packed.n_in);
-                for (int64_t k = 0; k < packed.n_in; ++k) dst[k * kGroup * kPanel] = row[k];
-            }
-        }
-    }
-    return packed;
-}
 
 void linear(Tensor& out, const Tensor& x, const PackedWeight& w, const Tensor* bias) {
     check_rows(out, w.n_out, "linear out");
@@ -232,18 +271,14 @@ void linear(Tensor& out, const Tensor& x, const PackedWeight& w, const Tensor* b
         b.resize(w.n_out);
         to_f32(b.data(), bias->base, bias->dtype, w.n_out);
     }
-    int64_t k_all = w.panels.size(1) * (w.panels.dtype == DType::BF16 ? 2 : 1);
-    dispatch_tiles(x, w, k_all, [&](int64_t m0, int64_t mt, int64_t p0, int64_t np, const float* tile) {
+    const int64_t k_all = (w.n_in + 1) / 2 * 2;  // every part's whole k range in one block
+    for_each_tile(x, w, k_all, [&](int64_t m0, int64_t mt, int64_t col0, int64_t ncols, const float* tile, int64_t ld) {
         for (int64_t m = 0; m < mt; ++m) {
             std::byte* dst = row_ptr(out, m0 + m);
-            for (int64_t p = 0; p < np; ++p) {
-                for (int64_t lane = 0; lane < kPanel; ++lane) {
-                    int64_t col = (p0 + p) * kPanel + lane;
-                    if (col >= w.n_out) break;
-                    float v = tile[(m * np + p) * kPanel + lane] + (b.empty() ? 0.0f : b[col]);
-                    if (out.dtype == DType::F32) reinterpret_cast<float*>(dst)[col] = v;
-                    else from_f32(dst + col * dtype_size(out.dtype), out.dtype, &v, 1);
-                }
+            for (int64_t c = 0; c < ncols; ++c) {
+                float v = tile[m * ld + c] + (b.empty() ? 0.0f : b[col0 + c]);
+                if (out.dtype == DType::F32) reinterpret_cast<float*>(dst)[col0 + c] = v;
+                else from_f32(dst + (col0 + c) * block_bytes(out.dtype), out.dtype, &v, 1);
             }
         }
     });
@@ -253,20 +288,17 @@ void linear_fixed(Tensor& out, const Tensor& x, const PackedWeight& w, int64_t k
     LLAISYS_CHECK(out.dtype == DType::I64, "linear_fixed: out must be i64");
     check_rows(out, w.n_out, "linear_fixed out");
     LLAISYS_CHECK(n_rows(out) == n_rows(x), "linear_fixed: out and x differ in rows");
-    LLAISYS_CHECK(k_block > 0 && k_block % 2 == 0 && w.n_in % k_block == 0,
-                  "linear_fixed: k_block must be even and divide n_in");
+    for (const PackedPart& part : w.parts)
+        LLAISYS_CHECK(k_block > 0 && k_block % k_unit(part.dtype) == 0 && w.n_in % k_block == 0,
+                      "linear_fixed: k_block must divide n_in in whole steps of every part's kernel");
     // Clamp below 2^31 so that the scaled value fits an int64; truncation is deterministic.
     constexpr float kLimit = 2147483520.0f, kScale = static_cast<float>(kFixedOne);
-    dispatch_tiles(x, w, k_block, [&](int64_t m0, int64_t mt, int64_t p0, int64_t np, const float* tile) {
+    for_each_tile(x, w, k_block, [&](int64_t m0, int64_t mt, int64_t col0, int64_t ncols, const float* tile, int64_t ld) {
         for (int64_t m = 0; m < mt; ++m) {
-            int64_t* dst = reinterpret_cast<int64_t*>(row_ptr(out, m0 + m));
-            for (int64_t p = 0; p < np; ++p) {
-                int64_t col0 = (p0 + p) * kPanel, lanes = std::min(kPanel, w.n_out - col0);
-                const float* t = tile + (m * np + p) * kPanel;
-                for (int64_t lane = 0; lane < lanes; ++lane) {
-                    float v = t[lane] > kLimit ? kLimit : (t[lane] < -kLimit ? -kLimit : t[lane]);
-                    dst[col0 + lane] += static_cast<int64_t>(v * kScale);
-                }
+            int64_t* dst = reinterpret_cast<int64_t*>(row_ptr(out, m0 + m)) + col0;
+            for (int64_t c = 0; c < ncols; ++c) {
+                const float v = tile[m * ld + c];
+                dst[c] += static_cast<int64_t>((v > kLimit ? kLimit : (v < -kLimit ? -kLimit : v)) * kScale);
             }
         }
     });

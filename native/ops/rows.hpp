@@ -17,7 +17,7 @@ inline std::byte* row_ptr(const Tensor& t, int64_t r) {
         offset += (r % t.shape[d]) * t.strides[d];
         r /= t.shape[d];
     }
-    return t.base + offset * static_cast<int64_t>(dtype_size(t.dtype));
+    return t.base + offset * static_cast<int64_t>(block_bytes(t.dtype));
 }
 
 inline void check_rows(const Tensor& t, int64_t cols, const char* what) {

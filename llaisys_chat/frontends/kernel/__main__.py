@@ -8,7 +8,8 @@ from ipykernel.kernelapp import IPKernelApp
 from ..options import add_cluster_options, cluster_options
 from .chat_kernel import ChatKernel
 
-ENVIRONMENT = {"model": "LLAISYS_MODEL", "n": "LLAISYS_N", "profile": "LLAISYS_PROFILE", "cluster_id": "LLAISYS_CLUSTER_ID"}
+ENVIRONMENT = {"model": "LLAISYS_MODEL", "weights": "LLAISYS_WEIGHTS", "n": "LLAISYS_N", "profile": "LLAISYS_PROFILE",
+               "cluster_id": "LLAISYS_CLUSTER_ID"}
 
 
 def connect_options(argv: list[str]) -> tuple[dict, list[str]]:

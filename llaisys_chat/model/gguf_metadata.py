@@ -1,28 +1,22 @@
-"""GGUF (llama.cpp's format) -> a Hugging Face-style folder: config, safetensors, tokenizer, template.
-
-Quantised tensors are dequantised with the `gguf` package's numpy code (every type it handles) and
-stored as bf16 or f32; the embedded vocabulary and merges become a `tokenizers` tokenizer.json.
-Neither torch nor transformers is needed.
+"""A GGUF file (llama.cpp's format) as a model folder: config.json, the tokenizer, its chat template
+and generation config from the file's metadata, and the file itself linked as model.gguf, whose
+tensors the engine reads in place (checkpoint.py). The embedded vocabulary and merges become a
+`tokenizers` tokenizer.json; neither torch nor transformers is needed.
 """
 import json
 from pathlib import Path
 
-import numpy as np
-import safetensors
-from tqdm import tqdm
-
 from ..errors import LlaisysError
+from .checkpoint import GGUF_FILE
 from .config import ModelConfig
 from .weights import LM_HEAD, model_weights
-
-SHARD_BYTES = 1 << 30  # safetensors files of at most ~1 GiB keep conversion memory bounded
 
 # Qwen2's pre-tokenizer split, as in its Hugging Face tokenizer.json.
 QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
-def convert_gguf(gguf_path: Path, out: Path, dtype: str = "bf16") -> None:
-    """Write config.json, generation_config.json, tokenizer files and safetensors shards into `out`."""
+def write_gguf_folder(gguf_path: Path, out: Path) -> None:
+    """Write config.json, generation_config.json and the tokenizer files into `out`, and link the GGUF."""
     from gguf import GGUFReader
 
     try:
@@ -34,10 +28,10 @@ def convert_gguf(gguf_path: Path, out: Path, dtype: str = "bf16") -> None:
         raise LlaisysError(f"{gguf_path}: unsupported architecture {meta.get('general.architecture')!r} (supported: qwen2)")
     tokens = meta.need("tokenizer.ggml.tokens")
     config = _config(meta, tied=LM_HEAD.gguf not in {t.name for t in reader.tensors}, vocab_size=len(tokens))
-    names = _hf_names(reader.tensors, ModelConfig.from_dict(config, source=str(gguf_path)), gguf_path)
+    _check_names(reader.tensors, ModelConfig.from_dict(config, source=str(gguf_path)), gguf_path)
     (out / "config.json").write_text(json.dumps(config, indent=2))
     _write_tokenizer(meta, out)
-    _write_weights(reader, names, out, dtype, gguf_path)
+    (out / GGUF_FILE).symlink_to(Path(gguf_path).resolve())
 
 
 class _Metadata:
@@ -57,13 +51,12 @@ class _Metadata:
         return value
 
 
-def _hf_names(tensors, config: ModelConfig, path: Path) -> list[str]:
-    """The Hugging Face name of each GGUF tensor, by the weight table."""
-    known = {w.gguf_name: w.hf_name for w in model_weights(config)}
+def _check_names(tensors, config: ModelConfig, path: Path) -> None:
+    """Every tensor of the file is one the weight table knows."""
+    known = {w.gguf_name for w in model_weights(config)}
     for t in tensors:
         if t.name not in known:
             raise LlaisysError(f"{path}: unexpected tensor {t.name} for a qwen2 model")
-    return [known[t.name] for t in tensors]
 
 
 def _config(meta: _Metadata, tied: bool, vocab_size: int) -> dict:
@@ -87,7 +80,6 @@ def _config(meta: _Metadata, tied: bool, vocab_size: int) -> dict:
         "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
         "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
         "use_sliding_window": False,
-        "torch_dtype": "bfloat16",
     }
 
 
@@ -136,53 +128,3 @@ def _write_tokenizer(meta: _Metadata, out: Path) -> None:
     # Chat models end a turn with eos (<|im_end|>) and a document with padding's <|endoftext|>.
     generation_config = {"eos_token_id": list(dict.fromkeys(eos_ids)), "bos_token_id": meta.get("tokenizer.ggml.bos_token_id")}
     (out / "generation_config.json").write_text(json.dumps(generation_config, indent=2))
-
-
-def _write_weights(reader, names: list[str], out: Path, dtype: str, path: Path) -> None:
-    from gguf.quants import dequantize
-
-    shards, current, size = [], [], 0
-    for tensor, name in zip(reader.tensors, names):
-        bytes_out = int(np.prod(tensor.shape)) * (2 if dtype == "bf16" else 4)
-        if current and size + bytes_out > SHARD_BYTES:
-            shards.append(current)
-            current, size = [], 0
-        current.append((tensor, name))
-        size += bytes_out
-    shards.append(current)
-
-    weight_map, total_size = {}, 0
-    progress = tqdm(total=len(names), desc="llaisys: converting GGUF", unit="tensor", leave=False)
-    for index, shard in enumerate(shards, start=1):
-        file = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
-        arrays = {}
-        for tensor, name in shard:
-            shape = [int(s) for s in reversed(tensor.shape)]  # GGUF lists dimensions innermost first
-            try:
-                values = dequantize(tensor.data, tensor.tensor_type).reshape(shape)
-            except Exception as e:
-                raise LlaisysError(f"{path}: cannot dequantise {tensor.name} ({tensor.tensor_type.name}): {e}") from None
-            arrays[name] = to_bf16_bits(values) if dtype == "bf16" else np.ascontiguousarray(values, dtype=np.float32)
-            weight_map[name] = file
-            total_size += arrays[name].nbytes
-            progress.update()
-        save_safetensors(arrays, out / file)
-    progress.close()
-    index_json = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
-    (out / "model.safetensors.index.json").write_text(json.dumps(index_json, indent=2))
-
-
-def to_bf16_bits(values: np.ndarray) -> np.ndarray:
-    """f32 -> bf16 bits (as uint16), rounding to nearest even."""
-    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
-    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
-
-
-def save_safetensors(arrays: dict[str, np.ndarray], file: Path) -> None:
-    """Write numpy arrays to a safetensors file; uint16 arrays are stored as BF16 bits."""
-    specs = {
-        name: safetensors.TensorSpec(dtype="bfloat16" if a.dtype == np.uint16 else a.dtype.name, shape=list(a.shape),
-                                     data_ptr=a.ctypes.data, data_len=a.nbytes)
-        for name, a in arrays.items()
-    }
-    safetensors.serialize_file(specs, str(file), metadata={"format": "pt"})

@@ -1,0 +1,206 @@
+// Integer dot products of quantized weights (panels.hpp) against activations quantized per 32.
+//
+// Weights hold unsigned integers (Q4: 0-15, Q5: 0-31, Q6: 0-63) or signed ones (Q8), 8 rows to a
+// 256-bit register, 4 consecutive k per row; an activation quad is broadcast to all rows. Unsigned
+// values multiply signed activations directly (maddubs), and the format's offset comes out through
+// the activation block's sum: sum((q - o) x) = sum(q x) - o sum(x). Signed Q8 values use the
+// sign trick (|w| times x with w's sign). 16-bit pair sums are added as long as they cannot
+// overflow, then widened once. Each sub-block's integer sum turns into f32 with the row scales.
+#include <cstring>
+#include <immintrin.h>
+
+#include "panels.hpp"
+#include "tiles.hpp"
+
+#if !defined(__AVX2__) || !defined(__FMA__) || !defined(__F16C__)
+#error "llaisys-chat's kernels need AVX2, FMA and F16C (build with -march=native or LLAISYS_PORTABLE=1)"
+#endif
+
+namespace llaisys::ops::tiles {
+namespace {
+
+using quant::ActivationBlock;
+
+inline __m256i load32(const std::byte* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+inline __m256 load_f16x8(const std::byte* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline __m256i load_u8x8(const std::byte* p) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))); }
+inline __m256i load_i8x8(const std::byte* p) { return _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))); }
+
+// Activation quad `step` (4 int8) of a block, in every 32-bit lane.
+inline __m256i quad(const ActivationBlock* a, int step) {
+    int32_t v;
+    std::memcpy(&v, a->q + 4 * step, sizeof v);
+    return _mm256_set1_epi32(v);
+}
+
+inline __m256i widen(__m256i pairs16) { return _mm256_madd_epi16(pairs16, _mm256_set1_epi16(1)); }
+inline __m256i low_nibbles(__m256i v) { return _mm256_and_si256(v, _mm256_set1_epi8(0x0F)); }
+inline __m256i high_nibbles(__m256i v) { return _mm256_and_si256(_mm256_srli_epi16(v, 4), _mm256_set1_epi8(0x0F)); }
+
+// Integer sums of one sub-block (8 steps) of one half, for MT tokens. `values` points at the
+// sub-block's first step (Q8) or pair (others) of this half.
+template <int MT>
+void dot_q8(const std::byte* values, const ActivationBlock* const* x, __m256i* out) {
+    for (int m = 0; m < MT; ++m) out[m] = _mm256_setzero_si256();
+    for (int s = 0; s < 8; ++s) {
+        const __m256i w = load32(values + s * 64), magnitude = _mm256_sign_epi8(w, w);
+        for (int m = 0; m < MT; ++m)
+            out[m] = _mm256_add_epi32(out[m], widen(_mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(quad(x[m], s), w))));
+    }
+}
+
+// 4-bit values: 8 steps of pair sums (at most 8 * 2 * 15 * 127) fit 16 bits.
+template <int MT>
+void dot_q4(const std::byte* pairs, const ActivationBlock* const* x, __m256i* out) {
+    __m256i sums[MT];
+    for (int m = 0; m < MT; ++m) sums[m] = _mm256_setzero_si256();
+    for (int j = 0; j < 4; ++j) {
+        const __m256i v = load32(pairs + j * 64), lo = low_nibbles(v), hi = high_nibbles(v);
+        for (int m = 0; m < MT; ++m)
+            sums[m] = _mm256_add_epi16(sums[m], _mm256_add_epi16(_mm256_maddubs_epi16(lo, quad(x[m], 2 * j)),
+                                                                 _mm256_maddubs_epi16(hi, quad(x[m], 2 * j + 1))));
+    }
+    for (int m = 0; m < MT; ++m) out[m] = widen(sums[m]);
+}
+
+// 5-bit values: the high bit of step s is bit s of the plane's byte; 4 steps fit 16 bits.
+template <int MT>
+void dot_q5(const std::byte* pairs, const std::byte* plane, const ActivationBlock* const* x, __m256i* out) {
+    const __m256i bits = load32(plane), one = _mm256_set1_epi8(1);
+    for (int m = 0; m < MT; ++m) out[m] = _mm256_setzero_si256();
+    for (int g = 0; g < 2; ++g) {
+        __m256i sums[MT];
+        for (int m = 0; m < MT; ++m) sums[m] = _mm256_setzero_si256();
+        for (int j = 2 * g; j < 2 * g + 2; ++j) {
+            const __m256i v = load32(pairs + j * 64);
+            const __m256i lo = _mm256_or_si256(low_nibbles(v), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(bits, 2 * j), one), 4));
+            const __m256i hi = _mm256_or_si256(high_nibbles(v),
+                                               _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(bits, 2 * j + 1), one), 4));
+            for (int m = 0; m < MT; ++m)
+                sums[m] = _mm256_add_epi16(sums[m], _mm256_add_epi16(_mm256_maddubs_epi16(lo, quad(x[m], 2 * j)),
+                                                                     _mm256_maddubs_epi16(hi, quad(x[m], 2 * j + 1))));
+        }
+        for (int m = 0; m < MT; ++m) out[m] = _mm256_add_epi32(out[m], widen(sums[m]));
+    }
+}
+
+// The top 2 bits of step s' (0-3) of a Q6_K plane, at bits 4-5 of each byte.
+inline __m256i plane_bits(__m256i plane, int s) {
+    const __m256i mask = _mm256_set1_epi8(0x30);
+    switch (s) {
+        case 0: return _mm256_and_si256(_mm256_slli_epi16(plane, 4), mask);
+        case 1: return _mm256_and_si256(_mm256_slli_epi16(plane, 2), mask);
+        case 2: return _mm256_and_si256(plane, mask);
+        default: return _mm256_and_si256(_mm256_srli_epi16(plane, 2), mask);
+    }
+}
+
+// 6-bit values in two groups of 16 (4 steps) with int8 scales: sum over groups of
+// scale * (sum(q x) - 32 sum(x)); 2 steps of pair sums fit 16 bits.
+template <int MT>
+void dot_q6(const std::byte* pairs, const std::byte* planes, const std::byte* scales, const ActivationBlock* const* x,
+            __m256i* out) {
+    for (int m = 0; m < MT; ++m) out[m] = _mm256_setzero_si256();
+    for (int g = 0; g < 2; ++g) {
+        const __m256i plane = load32(planes + g * 64);
+        __m256i sums[MT];
+        for (int m = 0; m < MT; ++m) sums[m] = _mm256_setzero_si256();
+        for (int j = 2 * g; j < 2 * g + 2; ++j) {
+            const __m256i v = load32(pairs + j * 64);
+            const __m256i lo = _mm256_or_si256(low_nibbles(v), plane_bits(plane, 2 * (j - 2 * g)));
+            const __m256i hi = _mm256_or_si256(high_nibbles(v), plane_bits(plane, 2 * (j - 2 * g) + 1));
+            __m256i pair[MT];
+            for (int m = 0; m < MT; ++m)
+                pair[m] = _mm256_add_epi16(_mm256_maddubs_epi16(lo, quad(x[m], 2 * j)),
+                                           _mm256_maddubs_epi16(hi, quad(x[m], 2 * j + 1)));
+            for (int m = 0; m < MT; ++m) sums[m] = _mm256_add_epi32(sums[m], widen(pair[m]));
+        }
+        const __m256i scale = load_i8x8(scales + g * kPanel);
+        for (int m = 0; m < MT; ++m) {
+            const __m256i offset = _mm256_set1_epi32(32 * x[m]->sum[g]);
+            out[m] = _mm256_add_epi32(out[m], _mm256_mullo_epi32(_mm256_sub_epi32(sums[m], offset), scale));
+        }
+    }
+}
+
+template <DType T, int MT, int NH>
+void tile(const ActivationBlock* x, int64_t ldx, const std::byte* group, int64_t n_blocks, int h0, int64_t sb0,
+          int64_t sb1, float* out) {
+    constexpr panels::QuantLayout l = panels::layout(T);
+    constexpr int64_t subs = l.block / 32;  // sub-blocks of 32 per block
+    const int64_t block_stride = kGroup * l.chunk;
+    __m256 acc[MT][NH];
+    for (int m = 0; m < MT; ++m)
+        for (int h = 0; h < NH; ++h) acc[m][h] = _mm256_setzero_ps();
+    for (int64_t sb = sb0; sb < sb1; ++sb) {
+        const int64_t b = sb / subs, j = sb % subs;
+        const ActivationBlock* xs[MT];
+        for (int m = 0; m < MT; ++m) xs[m] = x + m * ldx + sb;
+        for (int h = 0; h < NH; ++h) {
+            const int panel = (h0 + h) / 2, half = (h0 + h) % 2;
+            const std::byte* chunk = group + b * block_stride + panel * l.chunk;
+            __m256i sums[MT];
+            const std::byte* values = chunk + l.values + half * 32;
+            if constexpr (T == DType::Q8_0) dot_q8<MT>(values, xs, sums);
+            else if constexpr (T == DType::Q5_0) dot_q5<MT>(values, chunk + l.high_bits + half * 32, xs, sums);
+            else if constexpr (T == DType::Q6_K)
+                dot_q6<MT>(values + j * 4 * 64, chunk + l.high_bits + j * 2 * 64 + half * 32,
+                           chunk + l.sub_scales + j * 2 * kPanel + half * 8, xs, sums);
+            else dot_q4<MT>(values + j * 4 * 64, xs, sums);  // Q4_0, Q4_K
+            const __m256 d = load_f16x8(chunk + l.d + half * 16);
+            for (int m = 0; m < MT; ++m) {
+                const float dx = xs[m]->d;
+                const int32_t sum = xs[m]->sum[0] + xs[m]->sum[1];
+                __m256i isum = sums[m];
+                if constexpr (T == DType::Q4_0) isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(8 * sum));
+                if constexpr (T == DType::Q5_0) isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(16 * sum));
+                if constexpr (T == DType::Q4_K) {
+                    const std::byte* sc = chunk + l.sub_scales + j * kPanel + half * 8;
+                    const std::byte* mn = chunk + l.sub_mins + j * kPanel + half * 8;
+                    const __m256 scale = _mm256_mul_ps(d, _mm256_cvtepi32_ps(load_u8x8(sc)));
+                    const __m256 min = _mm256_mul_ps(load_f16x8(chunk + l.dmin + half * 16), _mm256_cvtepi32_ps(load_u8x8(mn)));
+                    acc[m][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(scale, _mm256_set1_ps(dx)), acc[m][h]);
+                    acc[m][h] = _mm256_fnmadd_ps(min, _mm256_set1_ps(dx * static_cast<float>(sum)), acc[m][h]);
+                } else {
+                    acc[m][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(d, _mm256_set1_ps(dx)), acc[m][h]);
+                }
+            }
+        }
+    }
+    for (int m = 0; m < MT; ++m)
+        for (int h = 0; h < NH; ++h) _mm256_storeu_ps(out + (m * NH + h) * kHalfRows, acc[m][h]);
+}
+
+using TileFn = void (*)(const ActivationBlock*, int64_t, const std::byte*, int64_t, int, int64_t, int64_t, float*);
+
+// Tiles in use: one token x 1..8 halves (decode), 1..4 tokens x one half (prefill).
+template <DType T>
+TileFn pick(int mt, int nh) {
+    if (mt == 1) {
+        static constexpr TileFn by_halves[] = {tile<T, 1, 1>, tile<T, 1, 2>, tile<T, 1, 3>, tile<T, 1, 4>,
+                                               tile<T, 1, 5>, tile<T, 1, 6>, tile<T, 1, 7>, tile<T, 1, 8>};
+        return by_halves[nh - 1];
+    }
+    LLAISYS_CHECK(nh == 1, "quant_tile: several tokens take one half at a time");
+    static constexpr TileFn by_tokens[] = {tile<T, 2, 1>, tile<T, 3, 1>, tile<T, 4, 1>};
+    return by_tokens[mt - 2];
+}
+
+}  // namespace
+
+void quant_tile(DType type, int mt, int nh, const quant::ActivationBlock* x, int64_t ldx, const std::byte* group,
+                int64_t n_blocks, int h0, int64_t sb0, int64_t sb1, float* tile) {
+    LLAISYS_CHECK(1 <= mt && mt <= kQuantTileTokens && 1 <= nh && nh <= kQuantTileHalves, "quant_tile: tile shape");
+    TileFn fn = nullptr;
+    switch (type) {
+        case DType::Q8_0: fn = pick<DType::Q8_0>(mt, nh); break;
+        case DType::Q4_0: fn = pick<DType::Q4_0>(mt, nh); break;
+        case DType::Q5_0: fn = pick<DType::Q5_0>(mt, nh); break;
+        case DType::Q4_K: fn = pick<DType::Q4_K>(mt, nh); break;
+        case DType::Q6_K: fn = pick<DType::Q6_K>(mt, nh); break;
+        default: fail(__FILE__, __LINE__, std::string("quant_tile: not a quantized dtype: ") + dtype_name(type));
+    }
+    fn(x, ldx, group, n_blocks, h0, sb0, sb1, tile);
+}
+
+}  // namespace llaisys::ops::tiles
