@@ -17,11 +17,13 @@ import numpy as np
 
 from ..errors import LlaisysError
 from .config import ModelConfig
+from .gguf_file import GGUFFile, block_size, type_name
 from .weights import Weight, model_weights
 
 GGUF_FILE = "model.gguf"
 # safetensors dtype -> (our name, numpy dtype of the bits we hand to the engine)
 _SAFETENSORS_DTYPES = {"BF16": ("bf16", np.uint16), "F16": ("f16", np.float16), "F32": ("f32", np.float32)}
+_FLOAT_VIEWS = {"bf16": np.uint16, "f16": np.float16, "f32": np.float32}  # GGUF float types, as numpy sees them
 # GGUF types the engine computes in natively (others are dequantized to f32 when loaded).
 NATIVE_QUANTIZED = ("q8_0", "q4_0", "q5_0", "q4_k", "q6_k")
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -169,25 +171,17 @@ def _map_safetensors(file: Path) -> dict[str, StoredTensor]:
 
 
 def _map_gguf(file: Path) -> dict[str, StoredTensor]:
-    """The tensors of a GGUF file, as the gguf package maps them (block sizes from its table)."""
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
-
-    try:
-        reader = GGUFReader(file)
-    except Exception as e:  # the reader raises many types on a damaged file
-        raise LlaisysError(f"{file}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+    """The tensors of a GGUF file, mapped in place: values for float types, blocks for the others."""
+    gguf = GGUFFile(file)
     tensors = {}
-    for t in reader.tensors:
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-        dtype = t.tensor_type.name.lower()
-        data = t.data
-        if t.tensor_type == GGMLQuantizationType.BF16:
-            data = data.view(np.uint16)
-        block, block_bytes = GGML_QUANT_SIZES[t.tensor_type]
-        if dtype in ("f32", "f16", "bf16"):
-            tensors[t.name] = StoredTensor(dtype, shape, data.reshape(shape))
+    for name, info in gguf.tensors.items():
+        dtype, data = type_name(info.type_id), gguf.data(info)
+        block, block_bytes = block_size(info.type_id)
+        if dtype in _FLOAT_VIEWS:
+            tensors[name] = StoredTensor(dtype, info.shape, data.view(_FLOAT_VIEWS[dtype]).reshape(info.shape))
         else:
-            tensors[t.name] = StoredTensor(dtype, shape, data, block, block_bytes)
+            tensors[name] = StoredTensor(dtype, info.shape, data.reshape(-1, info.shape[-1] // block * block_bytes),
+                                         block, block_bytes)
     return tensors
 
 

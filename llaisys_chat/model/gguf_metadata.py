@@ -9,6 +9,7 @@ from pathlib import Path
 from ..errors import LlaisysError
 from .checkpoint import GGUF_FILE
 from .config import ModelConfig
+from .gguf_file import GGUFFile
 from .weights import LM_HEAD, model_weights
 
 # Qwen2's pre-tokenizer split, as in its Hugging Face tokenizer.json.
@@ -17,18 +18,13 @@ QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[
 
 def write_gguf_folder(gguf_path: Path, out: Path) -> None:
     """Write config.json, generation_config.json and the tokenizer files into `out`, and link the GGUF."""
-    from gguf import GGUFReader
-
-    try:
-        reader = GGUFReader(gguf_path)
-    except Exception as e:  # the reader raises many types on a damaged file
-        raise LlaisysError(f"{gguf_path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
-    meta = _Metadata(reader, gguf_path)
+    gguf = GGUFFile(gguf_path)
+    meta = _Metadata(gguf.metadata, gguf_path)
     if meta.get("general.architecture") != "qwen2":
         raise LlaisysError(f"{gguf_path}: unsupported architecture {meta.get('general.architecture')!r} (supported: qwen2)")
     tokens = meta.need("tokenizer.ggml.tokens")
-    config = _config(meta, tied=LM_HEAD.gguf not in {t.name for t in reader.tensors}, vocab_size=len(tokens))
-    _check_names(reader.tensors, ModelConfig.from_dict(config, source=str(gguf_path)), gguf_path)
+    config = _config(meta, tied=LM_HEAD.gguf not in gguf.tensors, vocab_size=len(tokens))
+    _check_names(gguf.tensors, ModelConfig.from_dict(config, source=str(gguf_path)), gguf_path)
     (out / "config.json").write_text(json.dumps(config, indent=2))
     _write_tokenizer(meta, out)
     (out / GGUF_FILE).symlink_to(Path(gguf_path).resolve())
@@ -37,12 +33,11 @@ def write_gguf_folder(gguf_path: Path, out: Path) -> None:
 class _Metadata:
     """GGUF key/value metadata with one-line errors for what is missing."""
 
-    def __init__(self, reader, path):
-        self.fields, self.path = reader.fields, path
+    def __init__(self, fields: dict, path):
+        self.fields, self.path = fields, path
 
     def get(self, key, default=None):
-        field = self.fields.get(key)
-        return default if field is None else field.contents()
+        return self.fields.get(key, default)
 
     def need(self, key):
         value = self.get(key)
@@ -51,12 +46,12 @@ class _Metadata:
         return value
 
 
-def _check_names(tensors, config: ModelConfig, path: Path) -> None:
+def _check_names(names, config: ModelConfig, path: Path) -> None:
     """Every tensor of the file is one the weight table knows."""
     known = {w.gguf_name for w in model_weights(config)}
-    for t in tensors:
-        if t.name not in known:
-            raise LlaisysError(f"{path}: unexpected tensor {t.name} for a qwen2 model")
+    for name in names:
+        if name not in known:
+            raise LlaisysError(f"{path}: unexpected tensor {name} for a qwen2 model")
 
 
 def _config(meta: _Metadata, tied: bool, vocab_size: int) -> dict:

@@ -123,6 +123,14 @@ void dot_q6(const std::byte* pairs, const std::byte* planes, const std::byte* sc
     }
 }
 
+// How far ahead of the kernel's loads the stream is prefetched: the hardware prefetcher alone left
+// decode at a quarter of the memory's bandwidth.
+constexpr int64_t kPrefetchBytes = 1024;
+
+inline void prefetch(const std::byte* p, int64_t bytes) {
+    for (int64_t at = 0; at < bytes; at += 64) _mm_prefetch(reinterpret_cast<const char*>(p + at), _MM_HINT_T0);
+}
+
 template <DType T, int MT, int NH>
 void tile(const ActivationBlock* x, int64_t ldx, const std::byte* group, int64_t n_blocks, int h0, int64_t sb0,
           int64_t sb1, float* out) {
@@ -134,6 +142,7 @@ void tile(const ActivationBlock* x, int64_t ldx, const std::byte* group, int64_t
         for (int h = 0; h < NH; ++h) acc[m][h] = _mm256_setzero_ps();
     for (int64_t sb = sb0; sb < sb1; ++sb) {
         const int64_t b = sb / subs, j = sb % subs;
+        if (j == 0) prefetch(group + b * block_stride + kPrefetchBytes, NH * l.chunk / 2);
         const ActivationBlock* xs[MT];
         for (int m = 0; m < MT; ++m) xs[m] = x + m * ldx + sb;
         for (int h = 0; h < NH; ++h) {

@@ -1,0 +1,149 @@
+"""Quantized weights (native/quant.cpp, ops/pack_weight.cpp, ops/linear_quant.cpp) against the gguf
+package's numpy code (llama.cpp's formats) and a float64 reference."""
+import numpy as np
+import pytest
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf.quants import dequantize, quantize
+
+from llaisys_chat import _native
+
+TYPES = ["Q8_0", "Q4_0", "Q5_0", "Q4_K", "Q6_K"]
+SHAPES = [(1, 37, 256), (1, 64, 512), (3, 100, 256), (5, 16, 768), (9, 70, 256)]  # M, N (rows), K
+
+
+def rng(seed):
+    return np.random.default_rng(seed)
+
+
+def f16_bits(values) -> np.ndarray:
+    return np.asarray(values, np.float16).view(np.uint8).reshape(-1, 2)
+
+
+def random_blocks(name: str, rows: int, cols: int, r) -> np.ndarray:
+    """uint8 [rows, row bytes] of valid blocks: quantized by the gguf package where it can, else random
+    bits with sane f16 scales (the K types)."""
+    qtype = GGMLQuantizationType[name]
+    if name in ("Q8_0", "Q4_0", "Q5_0"):
+        return quantize(r.standard_normal((rows, cols)).astype(np.float32), qtype)
+    block, size = GGML_QUANT_SIZES[qtype]
+    blocks = r.integers(0, 256, (rows * cols // block, size), dtype=np.uint8)
+    if name == "Q4_K":  # d, dmin lead the block
+        blocks[:, 0:2] = f16_bits(r.uniform(0.001, 0.02, len(blocks)))
+        blocks[:, 2:4] = f16_bits(r.uniform(0.001, 0.02, len(blocks)))
+    else:  # Q6_K: d ends the block
+        blocks[:, -2:] = f16_bits(r.uniform(0.001, 0.02, len(blocks)))
+    return blocks.reshape(rows, -1)
+
+
+def quantized(name, blocks):
+    return _native.QuantizedArray(blocks, getattr(_native.DType, name))
+
+
+def activations_f64(x: np.ndarray) -> np.ndarray:
+    """x as the kernels see it: quantized per 32 to int8 with scale max|x| / 127, rounding to even."""
+    blocks = x.reshape(x.shape[0], -1, 32).astype(np.float32)
+    d = np.abs(blocks).max(axis=-1, keepdims=True) / np.float32(127)
+    q = np.rint(blocks * np.where(d == 0, 0, 1 / d).astype(np.float32))
+    return (q * d).reshape(x.shape).astype(np.float64)
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_dequantize_matches_the_gguf_package(name):
+    blocks = random_blocks(name, 6, 512, rng(1))
+    expected = dequantize(blocks, GGMLQuantizationType[name])
+    assert np.array_equal(_native.dequantize(quantized(name, blocks)), expected)
+
+
+@pytest.mark.parametrize("name", ["Q8_0", "Q4_0"])
+def test_quantize_matches_the_gguf_package(name):
+    x = rng(2).standard_normal((7, 320)).astype(np.float32) * 3
+    x[0, :32] = 0  # an all-zero block
+    x[1, 5] = -x[1, :32].__abs__().max() * 2  # a negative extreme
+    assert np.array_equal(_native.quantize(x, getattr(_native.DType, name)), quantize(x, GGMLQuantizationType[name]))
+
+
+@pytest.mark.parametrize("name", TYPES)
+@pytest.mark.parametrize("M,N,K", SHAPES)
+def test_quantized_linear_matches_float64(name, M, N, K):
+    r = rng(M * N + K)
+    blocks = random_blocks(name, N, K, r)
+    w = dequantize(blocks, GGMLQuantizationType[name]).astype(np.float64)
+    x = r.standard_normal((M, K)).astype(np.float32)
+    out = np.zeros((M, N), np.float32)
+    _native.linear(out, x, _native.pack_weight(quantized(name, blocks), getattr(_native.DType, name)))
+    expected = activations_f64(x) @ w.T
+    assert np.abs(out - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
+@pytest.mark.parametrize("name", ["Q8_0", "Q4_0"])
+def test_float_weights_quantize_when_packed(name):
+    r = rng(3)
+    w = r.standard_normal((50, 256)).astype(np.float32)
+    x = r.standard_normal((4, 256)).astype(np.float32)
+    dtype = getattr(_native.DType, name)
+    direct, via_blocks = np.zeros((4, 50), np.float32), np.zeros((4, 50), np.float32)
+    _native.linear(direct, x, _native.pack_weight(w, dtype))
+    _native.linear(via_blocks, x, _native.pack_weight(quantized(name, _native.quantize(w, dtype)), dtype))
+    assert np.array_equal(direct, via_blocks)
+
+
+@pytest.mark.parametrize("target", ["F32", "BF16"])
+def test_quantized_weights_dequantize_when_packed_as_floats(target):
+    r = rng(4)
+    blocks = random_blocks("Q4_K", 40, 512, r)
+    x = r.standard_normal((3, 512)).astype(np.float32)
+    out = np.zeros((3, 40), np.float32)
+    _native.linear(out, x, _native.pack_weight(quantized("Q4_K", blocks), getattr(_native.DType, target)))
+    w = dequantize(blocks, GGMLQuantizationType.Q4_K)
+    tolerance = 1e-5 if target == "F32" else 1e-2
+    assert np.abs(out - x @ w.T).max() <= tolerance * np.abs(x @ w.T).max()
+
+
+def test_fused_parts_keep_their_own_types():
+    r = rng(5)
+    parts = [(quantized("Q4_K", random_blocks("Q4_K", 21, 256, r)), _native.DType.Q4_K),
+             (r.standard_normal((9, 256)).astype(np.float32), _native.DType.BF16),
+             (quantized("Q8_0", random_blocks("Q8_0", 33, 256, r)), _native.DType.Q8_0)]
+    for M in (1, 6):
+        x = r.standard_normal((M, 256)).astype(np.float32)
+        fused = np.zeros((M, 63), np.float32)
+        _native.linear(fused, x, _native.pack_fused(parts))
+        separate = []
+        for w, dtype in parts:
+            out = np.zeros((M, w.shape[0]), np.float32)
+            _native.linear(out, x, _native.pack_weight(w, dtype))
+            separate.append(out)
+        assert np.array_equal(fused, np.concatenate(separate, axis=1))
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_fixed_point_partials_are_exact_over_any_split_on_blocks(name):
+    r = rng(6)
+    block = GGML_QUANT_SIZES[GGMLQuantizationType[name]][0]
+    K, N, M = 4 * block, 30, 3
+    blocks = random_blocks(name, N, K, r)
+    x = r.standard_normal((M, K)).astype(np.float32)
+    dtype = getattr(_native.DType, name)
+    whole = np.zeros((M, N), np.int64)
+    _native.linear_fixed(whole, x, _native.pack_weight(quantized(name, blocks), dtype), 32)
+    row_bytes = blocks.shape[1] // 4
+    for cuts in ([0, 2, 4], [0, 1, 3, 4]):
+        parts = np.zeros((M, N), np.int64)
+        for a, b in zip(cuts, cuts[1:]):
+            piece = quantized(name, np.ascontiguousarray(blocks[:, a * row_bytes:b * row_bytes]))
+            _native.linear_fixed(parts, np.ascontiguousarray(x[:, a * block:b * block]), _native.pack_weight(piece, dtype), 32)
+        assert np.array_equal(parts, whole)
+
+
+def test_embedding_rows_from_a_quantized_table():
+    blocks = random_blocks("Q5_0", 12, 64, rng(7))
+    ids = np.array([3, 11, 20, 5], np.int32)  # 20 is another rank's row: zeros
+    out = np.zeros((4, 64), np.float32)
+    _native.embedding(out, ids, quantized("Q5_0", blocks), 0)
+    table = dequantize(blocks, GGMLQuantizationType.Q5_0)
+    assert np.array_equal(out, np.stack([table[3], table[11], np.zeros(64, np.float32), table[5]]))
+
+
+def test_a_block_that_straddles_is_refused():
+    with pytest.raises(RuntimeError, match="rows must be whole q4_k blocks"):
+        _native.pack_weight(quantized("Q4_K", random_blocks("Q4_K", 4, 256, rng(8))[:, :100]), _native.DType.Q4_K)
