@@ -31,9 +31,10 @@ def split(n: int, parts: int, index: int) -> tuple[int, int]:
 
 
 def reduction_block(intermediate_size: int) -> int:
-    """Width of down_proj's fixed-point blocks: the widest even divisor up to 64 that still leaves
-    16 blocks (so up to 16 ranks can share the MLP). It depends on the model only, never on N."""
-    divisors = [b for b in (64, 32, 16, 8, 4, 2) if intermediate_size % b == 0]
+    """Width of down_proj's fixed-point blocks: the widest even divisor up to 256 that still leaves
+    16 blocks (so up to 16 ranks can share the MLP). It depends on the model only, never on N; wide
+    blocks keep the number of fixed-point conversions (one per block per output) small."""
+    divisors = [b for b in (256, 128, 64, 32, 16, 8, 4, 2) if intermediate_size % b == 0]
     return next((b for b in divisors if intermediate_size // b >= 16), divisors[-1])
 
 

@@ -4,6 +4,7 @@
 // FMAs; quantized panels use integer dot products (linear_quant.cpp).
 #include <array>
 #include <bit>
+#include <cmath>
 #include <cstring>
 #include <immintrin.h>
 #include <type_traits>
@@ -284,6 +285,31 @@ void linear(Tensor& out, const Tensor& x, const PackedWeight& w, const Tensor* b
     });
 }
 
+namespace {
+
+// dst[c] += v[c] in units of 2^-32, rounded to nearest (even on ties), for c < n. Four at a time
+// through doubles: adding 2^52 + 2^51 leaves the rounded integer in the low mantissa bits, exactly,
+// below 2^51; larger values (and the tail) take the scalar path, clamped so they fit an int64.
+void add_fixed(int64_t* dst, const float* v, int64_t n) {
+    const __m256d scale = _mm256_set1_pd(kFixedOne), magic = _mm256_set1_pd(6755399441055744.0);
+    const __m256d limit = _mm256_set1_pd(2251799813685248.0), sign = _mm256_set1_pd(-0.0);
+    int64_t c = 0;
+    for (; c + 4 <= n; c += 4) {
+        const __m256d d = _mm256_mul_pd(_mm256_cvtps_pd(_mm_loadu_ps(v + c)), scale);
+        if (_mm256_movemask_pd(_mm256_cmp_pd(_mm256_andnot_pd(sign, d), limit, _CMP_GE_OQ))) break;
+        const __m256i rounded = _mm256_sub_epi64(_mm256_castpd_si256(_mm256_add_pd(d, magic)), _mm256_castpd_si256(magic));
+        __m256i* at = reinterpret_cast<__m256i*>(dst + c);
+        _mm256_storeu_si256(at, _mm256_add_epi64(_mm256_loadu_si256(at), rounded));
+    }
+    constexpr double kLimit = 9.2e18;  // below 2^63
+    for (; c < n; ++c) {
+        const double d = static_cast<double>(v[c]) * kFixedOne;
+        dst[c] += static_cast<int64_t>(std::nearbyint(d > kLimit ? kLimit : (d < -kLimit ? -kLimit : d)));
+    }
+}
+
+}  // namespace
+
 void linear_fixed(Tensor& out, const Tensor& x, const PackedWeight& w, int64_t k_block) {
     LLAISYS_CHECK(out.dtype == DType::I64, "linear_fixed: out must be i64");
     check_rows(out, w.n_out, "linear_fixed out");
@@ -291,16 +317,9 @@ void linear_fixed(Tensor& out, const Tensor& x, const PackedWeight& w, int64_t k
     for (const PackedPart& part : w.parts)
         LLAISYS_CHECK(k_block > 0 && k_block % k_unit(part.dtype) == 0 && w.n_in % k_block == 0,
                       "linear_fixed: k_block must divide n_in in whole steps of every part's kernel");
-    // Clamp below 2^31 so that the scaled value fits an int64; truncation is deterministic.
-    constexpr float kLimit = 2147483520.0f, kScale = static_cast<float>(kFixedOne);
     for_each_tile(x, w, k_block, [&](int64_t m0, int64_t mt, int64_t col0, int64_t ncols, const float* tile, int64_t ld) {
-        for (int64_t m = 0; m < mt; ++m) {
-            int64_t* dst = reinterpret_cast<int64_t*>(row_ptr(out, m0 + m)) + col0;
-            for (int64_t c = 0; c < ncols; ++c) {
-                const float v = tile[m * ld + c];
-                dst[c] += static_cast<int64_t>((v > kLimit ? kLimit : (v < -kLimit ? -kLimit : v)) * kScale);
-            }
-        }
+        for (int64_t m = 0; m < mt; ++m)
+            add_fixed(reinterpret_cast<int64_t*>(row_ptr(out, m0 + m)) + col0, tile + m * ld, ncols);
     });
 }
 
