@@ -1,9 +1,13 @@
-"""Engine speed against llama.cpp on the same CPU and the same (demo) weights in BF16.
+"""Engine speed against llama.cpp on the same CPU and the same GGUF file, for each weight type.
 
-Measures prefill of a 128-token prompt and decode of 128 tokens from an empty context (what
-llama-bench calls pp128 and tg128) at 1 and 2 threads, and prints our/llama.cpp ratios.
+For each type (the demo's own Q4_K_M mix, and llama-quantize's BF16, Q8_0 and Q4_0 of it) and
+thread count, rounds alternate between this engine and llama-bench on the very same file: prefill
+of 128 and 512 tokens, and decode of 64 tokens from an empty context (llama-bench's pp / tg). The
+table gives medians over rounds and the ratios; for decode it also gives the fraction of the read
+bandwidth limit (bytes one decode step reads x tokens/s, over what bench/membw.py measured with as
+many streams as threads, in the same run: memory on this VM drifts within minutes).
 
-    .venv/bin/python bench/engine_speed.py [--threads 1 2] [--repetitions 3]
+    .venv/bin/python bench/engine_speed.py [--types q4_k_m q8_0 q4_0 bf16] [--threads 1 2] [--rounds 3]
 """
 import argparse
 import statistics
@@ -16,44 +20,83 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, table  # noqa: E402
 from llama_cpp import llama_bench, same_weights_gguf  # noqa: E402
+from membw import read_bandwidth  # noqa: E402
 
 from llaisys_chat import _native  # noqa: E402
 from llaisys_chat.engine import Engine  # noqa: E402
 from llaisys_chat.model.builtins import builtin_gguf, find_builtin  # noqa: E402
 
+PROMPTS = (128, 512)
+DECODE = 64
 
-def our_speeds(threads: int, n_prompt: int, n_decode: int, repetitions: int) -> tuple[float, float]:
-    """(prefill tokens/s, decode tokens/s): medians over repetitions, greedy, end-of-sequence ignored."""
-    engine = Engine("demo", threads=threads, max_context=n_prompt + n_decode + 8)
-    prompt = list(np.random.default_rng(0).integers(0, 150000, n_prompt))
-    prefill, decode = [], []
-    for _ in range(repetitions):
+
+def gguf_of(kind: str) -> Path:
+    """The demo file itself (q4_k_m), or llama-quantize's re-encoding of it."""
+    demo = builtin_gguf(find_builtin("demo"))
+    return demo if kind == "q4_k_m" else same_weights_gguf(demo, kind.upper())
+
+
+def our_round(engine: Engine) -> dict:
+    """One measurement of each test: {("prefill", n) or ("decode", DECODE): tokens/s}."""
+    rng = np.random.default_rng(0)
+    speeds = {}
+    for n in PROMPTS:
+        prompt = [int(t) for t in rng.integers(0, 150000, n)]
         cache = engine.model.new_cache(engine.max_context)
         start = time.perf_counter()
         engine.model.forward(cache, prompt)
-        prefill.append(n_prompt / (time.perf_counter() - start))
-        cache = engine.model.new_cache(engine.max_context)
-        logits = engine.model.forward(cache, [prompt[0]])
-        start = time.perf_counter()
-        for _ in range(n_decode):
-            logits = engine.model.forward(cache, [_native.argmax(logits[0])[1]])
-        decode.append(n_decode / (time.perf_counter() - start))
-    return statistics.median(prefill), statistics.median(decode)
+        speeds[("prefill", n)] = n / (time.perf_counter() - start)
+    cache = engine.model.new_cache(engine.max_context)
+    logits = engine.model.forward(cache, [1])
+    start = time.perf_counter()
+    for _ in range(DECODE):
+        logits = engine.model.forward(cache, [_native.argmax(logits[0])[1]])
+    speeds[("decode", DECODE)] = DECODE / (time.perf_counter() - start)
+    return speeds
+
+
+def llama_round(gguf: Path, threads: int) -> dict:
+    """The same tests by llama-bench, one repetition each."""
+    speeds = {}
+    for n in PROMPTS:
+        speeds[("prefill", n)] = llama_bench(gguf, [threads], prompt=n, generate=0, repetitions=1)[("prefill", threads)]
+    speeds[("decode", DECODE)] = llama_bench(gguf, [threads], prompt=0, generate=DECODE, repetitions=1)[("decode", threads)]
+    return speeds
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--types", nargs="+", default=["q4_k_m", "q8_0", "q4_0", "bf16"])
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--repetitions", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
-    reference = llama_bench(same_weights_gguf(builtin_gguf(find_builtin("demo")), "BF16"), args.threads, repetitions=args.repetitions)
     rows = []
-    for t in args.threads:
-        prefill, decode = our_speeds(t, 128, 128, args.repetitions)
-        rows.append([t, prefill, reference[("prefill", t)], prefill / reference[("prefill", t)],
-                     decode, reference[("decode", t)], decode / reference[("decode", t)]])
-    print(f"Machine: {machine()}; kernels: {_native.build_info()['isa']}")
-    print(table(["threads", "prefill tok/s", "llama.cpp prefill", "ratio", "decode tok/s", "llama.cpp decode", "ratio"], rows))
+    for kind in args.types:
+        gguf = gguf_of(kind)
+        for threads in args.threads:
+            engine = Engine(gguf, threads=threads, max_context=max(PROMPTS) + DECODE + 8)
+            ours, theirs, bandwidth = [], [], []
+            for _ in range(args.rounds):
+                ours.append(our_round(engine))
+                theirs.append(llama_round(gguf, threads))
+                bandwidth.append(read_bandwidth(threads, seconds=0.5))
+            decode_bytes = engine.model.decode_bytes
+            del engine
+            median = {key: (statistics.median(r[key] for r in ours), statistics.median(r[key] for r in theirs))
+                      for key in ours[0]}
+            limit = statistics.median(bandwidth) * 1e9 / decode_bytes
+            us, them = median[("decode", DECODE)]
+            row = [kind, threads]
+            for n in PROMPTS:
+                a, b = median[("prefill", n)]
+                row += [a, b, a / b]
+            rows.append(row + [us, them, us / them, statistics.median(bandwidth), us / limit, them / limit])
+    print(f"Machine: {machine()}; kernels: {_native.build_info()['isa']}; medians of {args.rounds} alternating rounds")
+    headers = ["type", "threads"]
+    for n in PROMPTS:
+        headers += [f"pp{n} ours", f"pp{n} llama.cpp", "ratio"]
+    headers += [f"tg{DECODE} ours", f"tg{DECODE} llama.cpp", "ratio", "read GB/s", "ours / bw limit", "llama.cpp / bw limit"]
+    print(table(headers, rows))
 
 
 if __name__ == "__main__":

@@ -192,7 +192,8 @@ def _file_history():
 def parser() -> argparse.ArgumentParser:
     """The command line."""
     p = argparse.ArgumentParser(prog="llaisys-chat", description="Chat with a model split over MPI ranks.",
-                                epilog="`llaisys-chat kernel install` installs the Jupyter chat kernel.")
+                                epilog="`llaisys-chat models` lists the built-in models; `llaisys-chat kernel install` "
+                                       "installs the Jupyter chat kernel.")
     add_version_option(p)
     add_cluster_options(p)
     p.add_argument("--system", help="system prompt (default: the model's own)")
@@ -206,6 +207,9 @@ def main(argv=None) -> int:
     if argv[:1] == ["kernel"]:
         from .frontends.kernel.install import main as kernel_main
         return kernel_main(argv[1:])
+    if argv[:1] == ["models"]:
+        from .frontends.models import main as models_main
+        return models_main(argv[1:])
     args = parser().parse_args(argv)
     try:
         client = cluster.connect(**cluster_options(args))

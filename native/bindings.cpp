@@ -293,5 +293,6 @@ PYBIND11_MODULE(_native, m) {
             py::gil_scoped_release nogil;
             return model.forward(cache, tokens, all_positions);
         }, py::arg("cache"), py::arg("tokens"), py::arg("all_positions") = false)
-        .def_property_readonly("weight_bytes", &Qwen2::weight_bytes);
+        .def_property_readonly("weight_bytes", &Qwen2::weight_bytes)
+        .def_property_readonly("decode_bytes", &Qwen2::decode_bytes);
 }

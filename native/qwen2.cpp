@@ -196,6 +196,8 @@ size_t Qwen2::weight_bytes() const {
     return total;
 }
 
+size_t Qwen2::decode_bytes() const { return weight_bytes() - embed_tokens.nbytes(); }
+
 Qwen2::Workspace& Qwen2::workspace(int64_t M) {
     const int64_t D = config_.hidden_size, hd = config_.head_dim;
     const int64_t H_l = shard_.head_end - shard_.head_begin, KV_l = shard_.kv_end - shard_.kv_begin;

@@ -96,6 +96,7 @@ class Qwen2 {
     const Qwen2Config& config() const { return config_; }
     const Shard& shard() const { return shard_; }
     size_t weight_bytes() const;
+    size_t decode_bytes() const;  // what one decode step reads: the weights but the embedding table
 
   private:
     // Activations of one chunk of tokens. Buffers are allocated once for kChunkTokens rows and

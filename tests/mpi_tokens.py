@@ -1,7 +1,7 @@
 """Run under mpiexec: several replies from one loaded engine; rank 0 prints their token ids as JSON,
 and whether every rank ended with the same ids.
 
-argv[1] is {"model": ..., "reduction": "exact"|"fast", "runs": [generate() keyword arguments, ...]}.
+argv[1] is {"model": ..., "reduction": "exact"|"fast", "weights": ..., "runs": [generate() keyword arguments, ...]}.
 """
 import json
 import sys
@@ -12,7 +12,8 @@ from llaisys_chat.generate import generate
 
 spec = json.loads(sys.argv[1])
 group = default_group()
-engine = Engine(spec["model"], group=group, threads=1, reduction=spec.get("reduction", "exact"))
+engine = Engine(spec["model"], group=group, threads=1, reduction=spec.get("reduction", "exact"),
+                weights=spec.get("weights", "auto"))
 tokens = [generate(engine=engine, **run).new_ids for run in spec["runs"]]
 every_rank = group.allgather(tokens)
 if group.rank == 0:

@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import mpiexec
+from tiny import write_tiny_gguf
 
 from llaisys_chat.engine import Engine
 from llaisys_chat.engine.shard_plan import ShardPlan, split
@@ -30,8 +31,8 @@ TINY_LAYOUTS = [
 ]
 
 
-def tokens_on_ranks(n, model, runs, reduction="exact"):
-    spec = json.dumps({"model": str(model), "runs": runs, "reduction": reduction})
+def tokens_on_ranks(n, model, runs, reduction="exact", weights="auto"):
+    spec = json.dumps({"model": str(model), "runs": runs, "reduction": reduction, "weights": weights})
     result = mpiexec(n, sys.executable, SCRIPT, spec)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -90,6 +91,30 @@ def test_tiny_models_give_the_same_tokens_for_any_rank_count(tiny_models, layout
     expected = [generate(engine=engine, **r).new_ids for r in runs]
     for n in (1, 2, 3, 4):
         assert tokens_on_ranks(n, folder, runs)["tokens"] == expected, f"N={n}"
+
+
+QUANTIZED = [
+    ("gguf", "auto"),      # a GGUF in Q4_0, Q4_K, Q5_0, Q6_K and Q8_0 (tests/tiny.py)
+    ("tiny", "q8_0"),      # safetensors quantized when loading
+    ("tiny", "q4_0"),
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    return write_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
+
+
+@pytest.mark.parametrize("source,weights", QUANTIZED, ids=[f"{s}-{w}" for s, w in QUANTIZED])
+def test_quantized_weights_give_the_same_tokens_for_any_rank_count(tiny_models, tiny_gguf, source, weights):
+    folder = tiny_gguf if source == "gguf" else tiny_models(layers=2, hidden=128, heads=4, kv_heads=2, ffn=512)
+    runs = [dict(prompt="quantized", max_new_tokens=20, **s) for s in SAMPLING]
+    engine = Engine(folder, threads=1, weights=weights)
+    assert engine.weights == ("q4_0+q4_k+q5_0+q6_k+q8_0" if source == "gguf" else weights)
+    expected = [generate(engine=engine, **r).new_ids for r in runs]
+    assert len({tuple(t) for t in expected}) > 1  # sampling chose differently from greedy
+    for n in (1, 2, 3, 4):
+        assert tokens_on_ranks(n, folder, runs, weights=weights)["tokens"] == expected, f"N={n}"
 
 
 def test_demo_model_gives_the_same_tokens_for_any_rank_count(demo_folder):

@@ -114,3 +114,88 @@ def load_weights_f64(folder: Path) -> dict[str, np.ndarray]:
             wide = (a.astype(np.uint32) << 16).view(np.float32) if a.dtype == np.uint16 else a
             out[weight.hf_name] = wide.astype(np.float64)
     return out
+
+
+# A tiny GGUF in every type the engine computes in natively, placed as a quantized llama.cpp file
+# would place them (row-parallel o_proj and down_proj split on their own blocks).
+GGUF_TYPES = {"token_embd": "Q4_0", "output": "Q6_K", "attn_q": "Q4_K", "attn_k": "Q5_0", "attn_v": "Q8_0",
+              "attn_output": "Q5_0", "ffn_gate": "Q4_K", "ffn_up": "Q8_0", "ffn_down": "Q6_K"}
+
+
+def random_blocks(qtype: str, rows: int, cols: int, rng) -> np.ndarray:
+    """uint8 [rows, row bytes] of valid blocks of a GGUF type: random integers, f16 scales that keep
+    a row's dot products near 1."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    block, size = GGML_QUANT_SIZES[GGMLQuantizationType[qtype]]
+    blocks = rng.integers(0, 256, (rows * cols // block, size), dtype=np.uint8)
+    scale = (0.5 if qtype in ("Q8_0", "Q4_0", "Q5_0") else 0.05) / np.sqrt(cols)
+
+    d = rng.uniform(0.2, 1.0, len(blocks)) * scale
+
+    def f16(values):
+        return np.asarray(values, np.float16).view(np.uint8).reshape(-1, 2)
+
+    if qtype == "Q6_K":  # d ends the block
+        blocks[:, -2:] = f16(d)
+    else:  # d leads the block; Q4_K's dmin follows it, sized so that values are about zero on average
+        blocks[:, 0:2] = f16(d)
+        if qtype == "Q4_K":
+            blocks[:, 2:4] = f16(7.5 * d)
+    return blocks.reshape(rows, -1)
+
+
+def write_tiny_gguf(path: Path, *, layers=2, hidden=256, heads=4, kv_heads=2, ffn=1024, seed=0, types=None) -> Path:
+    """A random Qwen2 GGUF (types as in GGUF_TYPES unless given) with the byte tokenizer and chat template."""
+    types = types or GGUF_TYPES
+    from gguf import GGMLQuantizationType, GGUFWriter
+
+    rng = np.random.default_rng(seed)
+    tokenizer = byte_tokenizer()
+    vocab = tokenizer.get_vocab()
+    tokens = sorted(vocab, key=vocab.get)
+    writer = GGUFWriter(path, "qwen2")
+    writer.add_block_count(layers)
+    writer.add_context_length(512)
+    writer.add_embedding_length(hidden)
+    writer.add_feed_forward_length(ffn)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("qwen2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if t in SPECIALS else 1 for t in tokens])
+    writer.add_token_merges([])
+    writer.add_eos_token_id(vocab["<|im_end|>"])
+    writer.add_bos_token_id(vocab["<|endoftext|>"])
+    writer.add_pad_token_id(vocab["<|endoftext|>"])
+    writer.add_chat_template(TEMPLATE)
+    hd = hidden // heads
+    shapes = {"token_embd": (len(tokens), hidden), "output": (len(tokens), hidden), "attn_q": (heads * hd, hidden),
+              "attn_k": (kv_heads * hd, hidden), "attn_v": (kv_heads * hd, hidden), "attn_output": (hidden, heads * hd),
+              "ffn_gate": (ffn, hidden), "ffn_up": (ffn, hidden), "ffn_down": (hidden, ffn)}
+
+    def matrix(name, kind):
+        writer.add_tensor(f"{name}.weight", random_blocks(types[kind], *shapes[kind], rng),
+                          raw_dtype=GGMLQuantizationType[types[kind]])
+
+    def vector(name, n, around):
+        writer.add_tensor(name, (around + 0.1 * rng.standard_normal(n)).astype(np.float32))
+
+    matrix("token_embd", "token_embd")
+    matrix("output", "output")
+    vector("output_norm.weight", hidden, 1.0)
+    for i in range(layers):
+        for kind in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"):
+            matrix(f"blk.{i}.{kind}", kind)
+        for kind in ("attn_q", "attn_k", "attn_v"):
+            vector(f"blk.{i}.{kind}.bias", shapes[kind][0], 0.0)
+        vector(f"blk.{i}.attn_norm.weight", hidden, 1.0)
+        vector(f"blk.{i}.ffn_norm.weight", hidden, 1.0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

@@ -93,7 +93,7 @@ def _write_tokenizer(meta: _Metadata, out: Path) -> None:
         raise LlaisysError(f"{meta.path}: tokenizer {meta.get('tokenizer.ggml.model')!r} is not supported (byte-level BPE only)")
     tokens = meta.need("tokenizer.ggml.tokens")
     types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
-    merges = [tuple(m.split(" ", 1)) for m in meta.need("tokenizer.ggml.merges")]
+    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
     tokenizer = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, dropout=None,
                                      unk_token=None, continuing_subword_prefix="", end_of_word_suffix="",
                                      fuse_unk=False, byte_fallback=False))

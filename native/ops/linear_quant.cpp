@@ -40,7 +40,7 @@ inline __m256i high_nibbles(__m256i v) { return _mm256_and_si256(_mm256_srli_epi
 // Integer sums of one sub-block (8 steps) of one half, for MT tokens. `values` points at the
 // sub-block's first step (Q8) or pair (others) of this half.
 template <int MT>
-void dot_q8(const std::byte* values, const ActivationBlock* const* x, __m256i* out) {
+[[gnu::always_inline]] inline void dot_q8(const std::byte* values, const ActivationBlock* const* x, __m256i* out) {
     for (int m = 0; m < MT; ++m) out[m] = _mm256_setzero_si256();
     for (int s = 0; s < 8; ++s) {
         const __m256i w = load32(values + s * 64), magnitude = _mm256_sign_epi8(w, w);
@@ -51,7 +51,7 @@ void dot_q8(const std::byte* values, const ActivationBlock* const* x, __m256i* o
 
 // 4-bit values: 8 steps of pair sums (at most 8 * 2 * 15 * 127) fit 16 bits.
 template <int MT>
-void dot_q4(const std::byte* pairs, const ActivationBlock* const* x, __m256i* out) {
+[[gnu::always_inline]] inline void dot_q4(const std::byte* pairs, const ActivationBlock* const* x, __m256i* out) {
     __m256i sums[MT];
     for (int m = 0; m < MT; ++m) sums[m] = _mm256_setzero_si256();
     for (int j = 0; j < 4; ++j) {
@@ -63,19 +63,25 @@ void dot_q4(const std::byte* pairs, const ActivationBlock* const* x, __m256i* ou
     for (int m = 0; m < MT; ++m) out[m] = widen(sums[m]);
 }
 
+// Bit 4 of step s's values: bit s of the plane's bytes, moved to bit 4 (16-bit shifts: what crosses
+// into the other byte of a pair never reaches bit 4).
+inline __m256i plane_bit(__m256i plane, int s) {
+    const __m256i shifted = s <= 4 ? _mm256_slli_epi16(plane, 4 - s) : _mm256_srli_epi16(plane, s - 4);
+    return _mm256_and_si256(shifted, _mm256_set1_epi8(0x10));
+}
+
 // 5-bit values: the high bit of step s is bit s of the plane's byte; 4 steps fit 16 bits.
 template <int MT>
-void dot_q5(const std::byte* pairs, const std::byte* plane, const ActivationBlock* const* x, __m256i* out) {
-    const __m256i bits = load32(plane), one = _mm256_set1_epi8(1);
+[[gnu::always_inline]] inline void dot_q5(const std::byte* pairs, const std::byte* plane, const ActivationBlock* const* x, __m256i* out) {
+    const __m256i bits = load32(plane);
     for (int m = 0; m < MT; ++m) out[m] = _mm256_setzero_si256();
     for (int g = 0; g < 2; ++g) {
         __m256i sums[MT];
         for (int m = 0; m < MT; ++m) sums[m] = _mm256_setzero_si256();
         for (int j = 2 * g; j < 2 * g + 2; ++j) {
             const __m256i v = load32(pairs + j * 64);
-            const __m256i lo = _mm256_or_si256(low_nibbles(v), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(bits, 2 * j), one), 4));
-            const __m256i hi = _mm256_or_si256(high_nibbles(v),
-                                               _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(bits, 2 * j + 1), one), 4));
+            const __m256i lo = _mm256_or_si256(low_nibbles(v), plane_bit(bits, 2 * j));
+            const __m256i hi = _mm256_or_si256(high_nibbles(v), plane_bit(bits, 2 * j + 1));
             for (int m = 0; m < MT; ++m)
                 sums[m] = _mm256_add_epi16(sums[m], _mm256_add_epi16(_mm256_maddubs_epi16(lo, quad(x[m], 2 * j)),
                                                                      _mm256_maddubs_epi16(hi, quad(x[m], 2 * j + 1))));
@@ -98,7 +104,7 @@ inline __m256i plane_bits(__m256i plane, int s) {
 // 6-bit values in two groups of 16 (4 steps) with int8 scales: sum over groups of
 // scale * (sum(q x) - 32 sum(x)); 2 steps of pair sums fit 16 bits.
 template <int MT>
-void dot_q6(const std::byte* pairs, const std::byte* planes, const std::byte* scales, const ActivationBlock* const* x,
+[[gnu::always_inline]] inline void dot_q6(const std::byte* pairs, const std::byte* planes, const std::byte* scales, const ActivationBlock* const* x,
             __m256i* out) {
     for (int m = 0; m < MT; ++m) out[m] = _mm256_setzero_si256();
     for (int g = 0; g < 2; ++g) {
