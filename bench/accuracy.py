@@ -81,12 +81,13 @@ def main():
             engine = Engine(gguf, threads=2, max_context=N_CTX)
             kl, top = ours(reference, engine, chunks)
             theirs_kl, theirs_top = llama_cpp(base, gguf, TEXT, len(chunks))
-            rows.append([f"{kind} ({engine.weights})", kl, theirs_kl, 100 * top, 100 * theirs_top])
+            rows.append([f"{kind} ({engine.weights})", f"{kl:.5f}", f"{theirs_kl:.5f}", 100 * top, 100 * theirs_top])
             del engine
             if kind in ("q8_0", "q4_0"):  # the same type, quantized by us while loading the demo
                 engine = Engine(demo, weights=kind, threads=2, max_context=N_CTX)
                 kl, top = ours(reference, engine, chunks)
-                rows.append([f"{kind} quantized while loading the demo", kl, theirs_kl, 100 * top, 100 * theirs_top])
+                rows.append([f"{kind} quantized while loading the demo", f"{kl:.5f}", f"{theirs_kl:.5f}", 100 * top,
+                             100 * theirs_top])
                 del engine
     print(f"Machine: {machine()}; text: {TEXT.name}, {len(chunks)} chunks of {N_CTX} tokens, "
           f"{len(chunks) * (N_CTX // 2 - 1)} scored positions")

@@ -7,7 +7,7 @@ from .. import _native
 from ..errors import LlaisysError
 from ..model.checkpoint import NATIVE_QUANTIZED, Checkpoint, StoredTensor
 from ..model.config import ModelConfig
-from ..model.weights import EMBED_TOKENS, Weight, model_weights
+from ..model.weights import EMBED_TOKENS, LM_HEAD, Weight, model_weights
 from ..protocol.request import WEIGHT_TYPES
 from .shard_plan import ShardPlan
 
@@ -15,9 +15,11 @@ from .shard_plan import ShardPlan
 def packed_types(checkpoint: Checkpoint, config: ModelConfig, weights: str) -> dict[Weight, str]:
     """The type each matrix (and the embedding table) is packed in: under 'auto' its own (f16
     computes in bf16, and GGUF types the engine has no kernels for are dequantized to bf16), else
-    the one asked for. Norms and biases are always f32."""
+    the one asked for; under 'q4_0' the output matrix stays in 8 bits (q8_0), as llama.cpp keeps it
+    in more than 4: it is what every token's choice is read from. Norms and biases are always f32."""
     if weights not in WEIGHT_TYPES:
         raise LlaisysError(f"weights must be one of {', '.join(WEIGHT_TYPES)}, not {weights!r}")
+    output = EMBED_TOKENS if config.tie_word_embeddings else LM_HEAD
     types = {}
     for weight in model_weights(config):
         if weight not in checkpoint:
@@ -25,6 +27,8 @@ def packed_types(checkpoint: Checkpoint, config: ModelConfig, weights: str) -> d
         stored = checkpoint.tensor(weight)
         if len(stored.shape) == 1:
             types[weight] = "f32"
+        elif weights == "q4_0" and weight.spec is output:
+            types[weight] = "q8_0"
         elif weights != "auto":
             types[weight] = weights
         elif stored.dtype == "f16" or (stored.quantized and stored.dtype not in NATIVE_QUANTIZED):
@@ -33,7 +37,7 @@ def packed_types(checkpoint: Checkpoint, config: ModelConfig, weights: str) -> d
             types[weight] = stored.dtype
     if weights in ("q8_0", "q4_0"):
         for weight, dtype in types.items():
-            if dtype == weights and checkpoint.tensor(weight).shape[-1] % 32:
+            if dtype in ("q8_0", "q4_0") and checkpoint.tensor(weight).shape[-1] % 32:
                 raise LlaisysError(f"{weight.hf_name} has rows of {checkpoint.tensor(weight).shape[-1]} values: "
                                    f"{weights} needs whole blocks of 32")
     return types

@@ -8,7 +8,9 @@ costs one small all-reduce per step but saves (N-1)/N of a table that is 27% of 
 Which tensor is split which way is the weight table's `split` column (model/weights.py).
 
 Head counts need not divide by N: ranks get contiguous, uneven head ranges, and each holds every
-key/value head its query heads read (replicated when N exceeds the number of KV heads).
+key/value head its query heads read (replicated when N exceeds the number of KV heads). With more
+ranks than heads (or MLP units), the last ranks hold none and add zeros to those sums: attention is a
+small share of the weights, so the MLP and the vocabulary still split N ways.
 Row-parallel sums are joined in fixed-point blocks (see native/ops.hpp) whose bounds never move with N,
 and the row-parallel splits fall on whole units of heads and MLP columns, so that no block of a
 quantized o_proj or down_proj straddles two ranks.
@@ -56,18 +58,17 @@ class ShardPlan:
     def for_rank(cls, config: ModelConfig, rank: int, size: int, head_unit: int = 1, ffn_unit: int = 1) -> "ShardPlan":
         """Rank `rank` of `size`: contiguous heads in whole units of `head_unit` heads, whole
         fixed-point blocks of the MLP (also whole units of `ffn_unit` columns), a run of vocabulary."""
+        if size > config.vocab_size:
+            raise LlaisysError(f"this model can be split over at most {config.vocab_size} ranks, not {size}")
         block = math.lcm(reduction_block(config.intermediate_size), ffn_unit)
         head_range = _units(config.num_attention_heads, head_unit)
         ffn_range = _units(config.intermediate_size, block)
-        limit = min(len(head_range) - 1, len(ffn_range) - 1)
-        if size > limit:
-            raise LlaisysError(f"this model can be split over at most {limit} ranks, not {size}")
         head_begin, head_end = (head_range[i] for i in split(len(head_range) - 1, size, rank))
         ffn_begin, ffn_end = (ffn_range[i] for i in split(len(ffn_range) - 1, size, rank))
         group = config.num_attention_heads // config.num_key_value_heads
+        kv_begin, kv_end = (head_begin // group, (head_end - 1) // group + 1) if head_end > head_begin else (0, 0)
         vocab_begin, vocab_end = split(config.vocab_size, size, rank)
-        return cls(head_begin, head_end, head_begin // group, (head_end - 1) // group + 1,
-                   ffn_begin, ffn_end, vocab_begin, vocab_end, block)
+        return cls(head_begin, head_end, kv_begin, kv_end, ffn_begin, ffn_end, vocab_begin, vocab_end, block)
 
     def bounds(self) -> dict[str, int]:
         """The shard's [begin, end) ranges by name (head_begin, head_end, ...)."""

@@ -8,7 +8,11 @@
 
 namespace llaisys::ops {
 
-inline int64_t n_rows(const Tensor& t) { return t.size(-1) ? t.numel() / t.size(-1) : 0; }
+inline int64_t n_rows(const Tensor& t) {
+    int64_t rows = 1;
+    for (int64_t d = 0; d + 1 < t.ndim(); ++d) rows *= t.shape[d];
+    return rows;
+}
 
 // Address of row r, unravelling r over the leading dimensions.
 inline std::byte* row_ptr(const Tensor& t, int64_t r) {
