@@ -87,6 +87,21 @@ def test_greedy_tokens_match_in_f32(hf, engine_f32):
         assert reply.new_ids == expected, messages[-1]["content"]
 
 
+def test_the_1_5b_built_in_gives_transformers_greedy_tokens_in_f32():
+    """Qwen2.5-Coder-1.5B (untied output, 12 heads of 128, 2 KV heads): 32 greedy tokens on three prompts."""
+    gguf = builtin_gguf(find_builtin("qwen2.5-coder:1.5b"))
+    model = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    engine = Engine("qwen2.5-coder:1.5b", weights="f32", threads=2)
+    assert engine.config.hidden_size == 1536 and not engine.config.tie_word_embeddings
+    for messages in CONVERSATIONS[:3]:
+        reply = generate(messages=messages, engine=engine, max_new_tokens=32)
+        with torch.no_grad():
+            out = model.generate(torch.tensor([reply.prompt_ids]), max_new_tokens=32, do_sample=False,
+                                 eos_token_id=sorted(engine.chat.stop_ids), pad_token_id=151643)
+        expected = [t for t in out[0, len(reply.prompt_ids):].tolist() if t not in engine.chat.stop_ids]
+        assert reply.new_ids == expected, messages[-1]["content"]
+
+
 def test_multi_turn_cache_reuse_equals_a_fresh_computation(demo_folder):
     engine = Engine(demo_folder, threads=2)
     messages = [{"role": "user", "content": "Give me a Python one-liner that reverses a list."}]

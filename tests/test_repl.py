@@ -135,6 +135,18 @@ def test_piped_standard_input_prints_plain_replies(running_cluster):
     assert "tokens (stop)" in result.stdout
 
 
+def test_a_short_chat_with_the_1_5b_built_in(tmp_path):
+    """On a cluster of its own (started and stopped by llaisys-chat), so the shared one keeps the demo."""
+    env = {**__import__("os").environ, "IPYTHONDIR": str(tmp_path)}
+    result = subprocess.run([CHAT, "--model", "qwen2.5-coder:1.5b", "--cluster-id", "one-five", "-n", "2",
+                             "--temperature", "0", "--max-tokens", "40"],
+                            input="What is the capital of France? One word.\nAnd of Italy? One word.\n/show\n",
+                            capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout and "Rome" in result.stdout
+    assert "Model: qwen2.5-coder:1.5b" in result.stdout and "weights q4_k+q6_k" in result.stdout
+
+
 def test_real_terminal_session(running_cluster):
     """Type in a pseudo-terminal: a reply streams in, Ctrl-C stops a long one, a follow-up works, Ctrl-D quits."""
     child = pexpect.spawn(str(CHAT), ["--temperature", "0", "--max-tokens", "600"], encoding="utf-8", timeout=120,

@@ -14,6 +14,7 @@ from llaisys_chat.errors import LlaisysError
 from llaisys_chat.generate import generate
 from llaisys_chat.model.checkpoint import Checkpoint
 from llaisys_chat.model.config import ModelConfig
+from llaisys_chat.model.files import resolve_model
 from llaisys_chat.model.weights import model_weights
 
 SCRIPT = Path(__file__).parent / "mpi_tokens.py"
@@ -134,6 +135,15 @@ def test_demo_model_gives_the_same_tokens_for_any_rank_count(demo_folder):
     for n in (1, 2, 3, 4):
         result = tokens_on_ranks(n, demo_folder, runs)
         assert result["ranks"] == n
+        assert result["tokens"] == expected and result["ranks_agree"], f"N={n}"
+
+
+def test_the_1_5b_built_in_gives_the_same_tokens_for_any_rank_count():
+    folder = resolve_model("qwen2.5-coder:1.5b")
+    runs = [dict(prompt=PROMPTS[0], max_new_tokens=16, **SAMPLING[0]), dict(prompt=PROMPTS[1], max_new_tokens=12, **SAMPLING[2])]
+    expected = [generate(engine=Engine(folder, threads=2), **r).new_ids for r in runs]
+    for n in (1, 2, 3, 4):
+        result = tokens_on_ranks(n, folder, runs)
         assert result["tokens"] == expected and result["ranks_agree"], f"N={n}"
 
 

@@ -8,21 +8,27 @@
 namespace llaisys::ops {
 namespace {
 
-typedef float f32x16 __attribute__((vector_size(64)));
-typedef uint32_t u32x16 __attribute__((vector_size(64)));
-typedef uint16_t u16x16 __attribute__((vector_size(32)));
+// Vectors of the machine's register width: GCC spills wider ones through the stack.
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+#else
+constexpr int kLanes = 8;
+#endif
+typedef float f32xL __attribute__((vector_size(kLanes * 4)));
+typedef uint32_t u32xL __attribute__((vector_size(kLanes * 4)));
+typedef uint16_t u16xL __attribute__((vector_size(kLanes * 2)));
 
-// 16 cache elements widened to f32 (bf16 is a 16-bit shift; f16 goes through the scalar path).
+// kLanes cache elements widened to f32 (bf16 is a 16-bit shift; f16 goes through the scalar path).
 template <class T>
-inline f32x16 load16(const T* p) {
+inline f32xL load_lanes(const T* p) {
     if constexpr (std::is_same_v<T, float>) {
-        f32x16 v;
+        f32xL v;
         std::memcpy(&v, p, sizeof v);
         return v;
     } else {
-        u16x16 bits;
+        u16xL bits;
         std::memcpy(&bits, p, sizeof bits);
-        return (f32x16)(__builtin_convertvector(bits, u32x16) << 16);
+        return (f32xL)(__builtin_convertvector(bits, u32xL) << 16);
     }
 }
 
@@ -38,13 +44,13 @@ inline float dot(const float* q, const T* k, int64_t d, DType dtype) {
     int64_t i = 0;
     float total = 0.0f;
     if (dtype != DType::F16) {
-        f32x16 acc = {};
-        for (; i + 16 <= d; i += 16) {
-            f32x16 qv;
+        f32xL acc = {};
+        for (; i + kLanes <= d; i += kLanes) {
+            f32xL qv;
             std::memcpy(&qv, q + i, sizeof qv);
-            acc += qv * load16(k + i);
+            acc += qv * load_lanes(k + i);
         }
-        for (int lane = 0; lane < 16; ++lane) total += acc[lane];
+        for (int lane = 0; lane < kLanes; ++lane) total += acc[lane];
     }
     for (; i < d; ++i) total += q[i] * widen(k[i], dtype);
     return total;
@@ -55,10 +61,10 @@ template <class T>
 inline void axpy(float* acc, float weight, const T* v, int64_t d, DType dtype) {
     int64_t i = 0;
     if (dtype != DType::F16) {
-        for (; i + 16 <= d; i += 16) {
-            f32x16 a;
+        for (; i + kLanes <= d; i += kLanes) {
+            f32xL a;
             std::memcpy(&a, acc + i, sizeof a);
-            a += weight * load16(v + i);
+            a += weight * load_lanes(v + i);
             std::memcpy(acc + i, &a, sizeof a);
         }
     }
