@@ -1,12 +1,17 @@
 """The stream link's two ends (client/stream_link.py and engine/stream_link.py) over real sockets."""
+import json
+import os
+import socket
+import stat
 import time
+from pathlib import Path
 
 import pytest
 
 from llaisys_chat.client.stream_link import StreamLink
 from llaisys_chat.engine.stream_link import ClientLink
 from llaisys_chat.errors import LlaisysError
-from llaisys_chat.protocol.link import done_message, piece_message
+from llaisys_chat.protocol.link import done_message, hello_message, piece_message
 
 
 @pytest.fixture(params=["unix", "tcp"])
@@ -15,6 +20,46 @@ def listener(request):
     assert link.address.startswith(request.param + ":")
     yield link
     link.close()
+
+
+def test_a_connection_without_the_token_is_closed(listener):
+    for first in (hello_message("wrong"), {"id": "r1", "text": "spoofed", "time": 0}, None):
+        stranger = socket.socket(socket.AF_UNIX if listener.address.startswith("unix") else socket.AF_INET)
+        kind, _, where = listener.address.partition(":")
+        stranger.connect(where if kind == "unix" else (where.rpartition(":")[0], int(where.rpartition(":")[2])))
+        if first is not None:
+            stranger.sendall(json.dumps(first).encode() + b"\n")
+        else:
+            stranger.sendall(b"not json at all\n")
+        with pytest.raises(LlaisysError, match="did not connect"):
+            listener.wait_for_rank0(0.5, check=lambda: None)
+        assert stranger.recv(16) == b""  # closed by the client
+        stranger.close()
+    rank0 = ClientLink()
+    assert rank0.open(listener.address, listener.token)
+    listener.wait_for_rank0(5, check=lambda: None)
+    rank0.send(piece_message("r1", "genuine"))
+    assert receive_all(listener, 1)[0]["text"] == "genuine"
+    rank0.close()
+
+
+def test_the_unix_socket_sits_in_a_folder_only_its_owner_can_enter():
+    link = StreamLink(local=True)
+    folder = Path(link.address.removeprefix("unix:")).parent
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700 and folder.stat().st_uid == os.getuid()
+    link.close()
+    assert not folder.exists()
+
+
+def test_the_tcp_listener_binds_only_the_advertised_address():
+    link = StreamLink(local=False, advertised_host="127.0.0.1")
+    port = int(link.address.rpartition(":")[2])
+    with pytest.raises(ConnectionRefusedError):  # another address of this machine (all-addresses would accept)
+        socket.create_connection(("127.0.0.2", port), timeout=2)
+    socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    link.close()
+    with pytest.raises(LlaisysError, match="LLAISYS_CLIENT_IP"):
+        StreamLink(local=False, advertised_host="192.0.2.1")  # not an address of this machine
 
 
 def receive_all(link: StreamLink, count: int) -> list[dict]:
@@ -26,7 +71,7 @@ def receive_all(link: StreamLink, count: int) -> list[dict]:
 
 def test_pieces_flow_to_the_client_and_stops_flow_back(listener):
     rank0 = ClientLink()
-    assert rank0.open(listener.address)
+    assert rank0.open(listener.address, listener.token)
     listener.wait_for_rank0(5, check=lambda: None)
     assert rank0.send(piece_message("r1", "Hel")) and rank0.send(piece_message("r1", "lo")) and rank0.send(done_message("r1"))
     received = receive_all(listener, 3)
@@ -40,7 +85,7 @@ def test_pieces_flow_to_the_client_and_stops_flow_back(listener):
 
 def test_a_client_that_goes_away_stops_the_reply(listener):
     rank0 = ClientLink()
-    assert rank0.open(listener.address)
+    assert rank0.open(listener.address, listener.token)
     listener.wait_for_rank0(5, check=lambda: None)
     listener.close()
     time.sleep(0.05)
@@ -50,12 +95,12 @@ def test_a_client_that_goes_away_stops_the_reply(listener):
 
 def test_rank0_reconnects_after_its_connection_closed(listener):
     first = ClientLink()
-    assert first.open(listener.address) and first.open(listener.address)  # kept, not reopened
+    assert first.open(listener.address, listener.token) and first.open(listener.address, listener.token)  # kept, not reopened
     listener.wait_for_rank0(5, check=lambda: None)
     first.close()
     assert listener.receive(1) is None
     second = ClientLink()
-    assert second.open(listener.address)
+    assert second.open(listener.address, listener.token)
     listener.wait_for_rank0(5, check=lambda: None)
     second.send(piece_message("r2", "again"))
     assert receive_all(listener, 1)[0]["text"] == "again"
@@ -74,5 +119,5 @@ def test_waiting_for_rank0_gives_up_and_reports(listener):
 
 
 def test_an_unreachable_client_is_reported_not_raised():
-    assert not ClientLink().open("unix:/nonexistent/llaisys.sock")
+    assert not ClientLink().open("unix:/nonexistent/llaisys.sock", "token")
     assert ClientLink().stop_requested("r1")

@@ -29,7 +29,7 @@ def test_rank0_streams_every_piece_then_says_done():
     link = StreamLink(local=True)
     worker = worker_with(ScriptedEngine(lambda prompt: "one two three"))
     worker.load({"model": "m"})
-    reply = worker.generate(ReplyRequest(MESSAGES, stream_to=link.address, id="r1"))
+    reply = worker.generate(ReplyRequest(MESSAGES, stream_to=link.address, stream_token=link.token, id="r1"))
     link.wait_for_rank0(5, check=lambda: None)
     messages = link.receive(1)
     assert [m.get("text") for m in messages] == ["one", " two", " three", None] and messages[-1]["done"]
@@ -43,7 +43,7 @@ def test_a_template_that_opens_reasoning_shows_its_tag():
     worker = worker_with(engine)
     worker.load({"model": "m"})
     link = StreamLink(local=True)
-    reply = worker.generate(ReplyRequest(MESSAGES, stream_to=link.address))
+    reply = worker.generate(ReplyRequest(MESSAGES, stream_to=link.address, stream_token=link.token))
     link.wait_for_rank0(5, check=lambda: None)
     assert link.receive(1)[0]["text"] == "<think>hmm"
     assert reply.text == "<think>hmm </think> Yes."
@@ -75,6 +75,6 @@ def test_a_stop_request_before_a_step_ends_the_reply_there():
         return ScriptedEngine.generate(engine, prompt_ids, params, **{**kwargs, "should_stop": counting})
 
     engine.generate = stop_after_two
-    reply = worker.generate(ReplyRequest(MESSAGES, stream_to=link.address))
+    reply = worker.generate(ReplyRequest(MESSAGES, stream_to=link.address, stream_token=link.token))
     assert reply.text == "a b" and reply.stats.finish_reason == "interrupted"
     link.close()

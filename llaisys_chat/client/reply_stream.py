@@ -17,7 +17,7 @@ class ReplyStream:
     per piece, seconds from the engine choosing it to its arrival here."""
 
     def __init__(self, request: ReplyRequest, ranks, link, token_timeout: float):
-        self._request = replace(request, stream_to=link.address)
+        self._request = replace(request, stream_to=link.address, stream_token=link.token)
         self._ranks, self._link, self._token_timeout = ranks, link, token_timeout
         self.reply: Reply | None = None
         self.text = ""

@@ -4,17 +4,24 @@ makes, kept between replies (wire format: protocol/link.py).
 A plain socket, written and read by the threads that produce and consume the messages, wakes one
 thread per token: on a machine whose cores are all busy with ranks, every extra wake-up (a messaging
 library's I/O threads) preempts a rank that the others then wait for.
+
+The link is private: a connection must present, first thing, a random token that this client sends
+the ranks with each request (over ipyparallel, which the cluster's key authenticates); any other is
+closed. The Unix socket lives in a folder only its owner can enter, and the TCP listener binds the
+one address it advertises.
 """
-import os
+import secrets
 import select
+import shutil
 import socket
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 from ..errors import LlaisysError
 from ..protocol.link import Link, stop_message
+
+HELLO_TIMEOUT = 2.0  # seconds a new connection has to present the token
 
 
 class StreamLink:
@@ -22,17 +29,22 @@ class StreamLink:
     machine, else TCP on `advertised_host`) and rank 0's connection once it has made one."""
 
     def __init__(self, local: bool, advertised_host: str | None = None):
+        self.token = secrets.token_hex(16)
         if local:
-            self._path = Path(tempfile.gettempdir()) / f"llaisys-{os.getpid()}-{uuid.uuid4().hex[:8]}.sock"
+            self._folder = Path(tempfile.mkdtemp(prefix="llaisys-"))  # mode 0700
             self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self._sock.bind(str(self._path))
-            self.address = f"unix:{self._path}"
+            self._sock.bind(str(self._folder / "stream.sock"))
+            self.address = f"unix:{self._folder / 'stream.sock'}"
         else:
-            self._path = None
+            self._folder = None
             self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            self._sock.bind(("0.0.0.0", 0))
+            try:
+                self._sock.bind((advertised_host, 0))
+            except OSError as e:
+                raise LlaisysError(f"cannot listen on {advertised_host} for the ranks' replies ({e.strerror}); "
+                                   f"set LLAISYS_CLIENT_IP to an address of this machine that they can reach") from None
             self.address = f"tcp:{advertised_host}:{self._sock.getsockname()[1]}"
-        self._sock.listen(1)
+        self._sock.listen(4)
         self._link: Link | None = None
 
     def wait_for_rank0(self, timeout: float, check) -> None:
@@ -74,12 +86,17 @@ class StreamLink:
             self._link = None
 
     def close(self) -> None:
-        """Stop listening (and remove the Unix socket's file)."""
+        """Stop listening (and remove the Unix socket's folder)."""
         self.drop_connection()
         self._sock.close()
-        if self._path is not None:
-            self._path.unlink(missing_ok=True)
+        if self._folder is not None:
+            shutil.rmtree(self._folder, ignore_errors=True)
 
     def _accept(self, timeout: float) -> None:
+        """Take a waiting connection if it presents the token; close it otherwise."""
         if select.select([self._sock], [], [], timeout)[0]:
-            self._link = Link(self._sock.accept()[0])
+            link = Link(self._sock.accept()[0])
+            if link.greeted(self.token, HELLO_TIMEOUT):
+                self._link = link
+            else:
+                link.close()

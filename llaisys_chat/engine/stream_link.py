@@ -6,7 +6,7 @@ cannot be reached or goes away, the reply stops at the next step: nobody would r
 """
 import socket
 
-from ..protocol.link import Link
+from ..protocol.link import Link, hello_message
 
 
 class ClientLink:
@@ -16,14 +16,17 @@ class ClientLink:
         self._address: str | None = None
         self._link: Link | None = None
 
-    def open(self, address: str) -> bool:
-        """Be connected to the client at `address`; False if it cannot be reached."""
+    def open(self, address: str, token: str) -> bool:
+        """Be connected to the client at `address`, having presented its token; False if it cannot
+        be reached."""
         if self._link is not None and self._address == address:
             return True
         self.close()
         try:
             self._link, self._address = Link(_connect(address)), address
+            self._link.send(hello_message(token))
         except OSError:
+            self.close()
             return False
         return True
 

@@ -62,7 +62,7 @@ class Worker:
         engine = self._engine()
         rank0 = engine.group.rank == 0
         # A client that cannot be reached makes the reply stop at its first step, on every rank.
-        self.stop_requested = rank0 and not self.link.open(request.stream_to)
+        self.stop_requested = rank0 and not self.link.open(request.stream_to, request.stream_token)
         prompt = engine.chat.render(request.messages)
         prompt_ids = engine.chat.encode(prompt)
         run = engine.generate(prompt_ids, request.sampling, max_new_tokens=request.max_new_tokens, stop=request.stop,

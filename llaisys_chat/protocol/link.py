@@ -1,13 +1,19 @@
 """The stream link's wire format: one stream socket between a client and rank 0, carrying JSON
 objects one per line, each way.
 
-Rank 0 -> client: a text piece of a reply, the moment it exists, then the reply's end.
+Rank 0 -> client: first a hello presenting the link's token (the client closes a connection that
+does not), then text pieces of replies, the moment they exist, each reply's end.
 Client -> rank 0: a request to stop a reply, read between decode steps.
 """
 import json
 import select
 import socket
 import time
+
+
+def hello_message(token: str) -> dict:
+    """The first message on a connection: the secret the client gave the ranks for its link."""
+    return {"hello": token}
 
 
 def piece_message(request_id: str, text: str) -> dict:
@@ -31,6 +37,7 @@ class Link:
     def __init__(self, sock: socket.socket):
         self.sock = sock
         self._partial = b""
+        self._queued: list[dict] = []
 
     def send(self, message: dict) -> None:
         """Send one message (raises OSError if the other side is gone)."""
@@ -38,6 +45,9 @@ class Link:
 
     def receive(self, timeout: float) -> list[dict] | None:
         """The messages that arrive within timeout seconds ([] if none), or None once the other side closed."""
+        if self._queued:
+            messages, self._queued = self._queued, []
+            return messages
         try:
             if not select.select([self.sock], [], [], timeout)[0]:
                 return []
@@ -47,7 +57,22 @@ class Link:
         if not data:
             return None
         *lines, self._partial = (self._partial + data).split(b"\n")
-        return [json.loads(line) for line in lines]
+        try:
+            return [json.loads(line) for line in lines]
+        except ValueError:  # not this protocol: treat the connection as broken
+            return None
+
+    def greeted(self, token: str, timeout: float) -> bool:
+        """Whether the first message, within timeout seconds, is a hello presenting `token` (the
+        messages after it stay queued for receive())."""
+        deadline = time.monotonic() + timeout
+        while True:
+            messages = self.receive(max(0.0, deadline - time.monotonic()))
+            if messages:
+                self._queued = messages[1:]
+                return messages[0].get("hello") == token
+            if messages is None or time.monotonic() >= deadline:
+                return False
 
     def close(self) -> None:
         """Close the socket."""

@@ -19,4 +19,5 @@ class ReplyRequest:
     stop: tuple[str, ...] = ()
     session: str = "default"  # names the conversation's cache on the ranks
     stream_to: str = ""       # the client's link address, where rank 0 sends the pieces
+    stream_token: str = ""    # what rank 0 presents there first (the link is private)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
