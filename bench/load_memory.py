@@ -42,7 +42,8 @@ def one_token(pythonpath: str | None) -> tuple[float, float]:
     env = {**os.environ, **({"PYTHONPATH": pythonpath} if pythonpath else {})}
     cmd = ["/usr/bin/time", "-f", "%e %M", sys.executable, "-m", "llaisys_chat.generate", "--model", "demo",
            "--prompt", "hi", "--max-new-tokens", "1", "--threads", "1", "--json"]
-    err = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stderr
+    # From a folder holding no llaisys_chat: `python -m` puts the working folder ahead of PYTHONPATH.
+    err = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env, cwd=tempfile.gettempdir()).stderr
     seconds, kib = err.strip().splitlines()[-1].split()
     return float(seconds), int(kib) / 1024
 

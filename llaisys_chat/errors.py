@@ -3,3 +3,8 @@
 
 class LlaisysError(Exception):
     """A user-facing error: a missing or corrupt model file, a bad option, an over-long prompt."""
+
+
+class EnginesDown(LlaisysError):
+    """An engine died, stopped or left the cluster: the client restarts the engines before its next
+    call (or on restart()), and conversations carry on from what they hold."""

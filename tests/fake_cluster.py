@@ -9,7 +9,7 @@ from pathlib import Path
 from llaisys_chat.cluster import Cluster
 from llaisys_chat.engine.collectives import SingleProcess
 from llaisys_chat.engine.worker import Worker
-from llaisys_chat.errors import LlaisysError
+from llaisys_chat.errors import EnginesDown, LlaisysError
 from llaisys_chat.protocol.reply import GenerationStats
 
 
@@ -36,6 +36,7 @@ class ScriptedEngine:
         self.requests: list[dict] = []  # how each reply was asked for
         self.dropped: list[str] = []   # caches it was asked to forget
         self.fail_with: Exception | None = None  # raised by the next generate()
+        self.frozen = threading.Event()  # while set, a reply makes no progress (a dead or stopped rank)
 
     def generate(self, prompt_ids, params, *, max_new_tokens, stop, cache_key, should_stop):
         self.requests.append({"params": params, "max_new_tokens": max_new_tokens, "stop": stop, "cache_key": cache_key})
@@ -65,6 +66,8 @@ class ScriptedGeneration:
         words = self.engine.reply_for(self.engine.prompts[-1] if self.engine.prompts else "").split(" ")
         self.stats.finish_reason = "stop"
         for i, word in enumerate(words):
+            while self.engine.frozen.is_set():
+                time.sleep(0.005)
             if self.should_stop():
                 self.stats.finish_reason = "interrupted"
                 return
@@ -103,6 +106,7 @@ class InProcessRanks:
         self.interrupts = 0
         self.restarts = 0
         self.closed = False
+        self.down_reason: str | None = None  # set to make the rank look dead, as EngineRanks.down() reports
 
     def call(self, fn, *args) -> "ThreadCall":
         return ThreadCall(fn, args)
@@ -113,15 +117,28 @@ class InProcessRanks:
     def wait(self, call, timeout=None) -> list:
         return call.get(timeout or self.timeout)
 
+    def die(self, reason: str) -> None:
+        """Look like EngineRanks when an engine has gone down: no more progress, down() says why."""
+        self.down_reason = reason
+        self.engine.frozen.set()
+
     def check(self, call) -> None:
         call.raise_if_failed()
+        if self.down_reason is not None:
+            raise EnginesDown(f"{self.down_reason}; the engines restart with the next request")
+
+    def down(self) -> str | None:
+        return self.down_reason
 
     def interrupt_rank0(self) -> None:
         self.interrupts += 1
         self.worker.request_stop()
 
     def restart(self) -> None:
+        self.worker.request_stop()  # the old rank's reply ends once thawed; nobody reads it
         self.restarts += 1
+        self.down_reason = None
+        self.engine.frozen.clear()
         self.worker = Worker(make_engine=lambda model, **options: self.engine)
 
     def close(self) -> None:

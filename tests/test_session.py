@@ -3,7 +3,7 @@ worker, over a fake cluster: no MPI and no model, so these run in seconds."""
 import pytest
 from fake_cluster import fake_cluster
 
-from llaisys_chat.errors import LlaisysError
+from llaisys_chat.errors import EnginesDown, LlaisysError
 from llaisys_chat.frontends.streaming import stream_reply
 
 LONG = " ".join(f"w{i}" for i in range(300))
@@ -137,3 +137,33 @@ def test_client_generate_without_a_session(cluster):
     assert rank.engine.requests[-1]["stop"] == ("x",) and rank.engine.requests[-1]["cache_key"] == "default"
     client.drop_session("default")
     assert rank.engine.dropped == ["default"]
+
+
+def test_an_engine_that_dies_mid_reply_loses_nothing_and_the_next_turn_restarts_it(tmp_path):
+    client, rank = fake_cluster(tmp_path, reply_for=lambda prompt: LONG, step_seconds=0.01)
+    session = client.session()
+    session.send("First.", max_new_tokens=3)
+    stream = session.send("Talk.", stream=True)
+    read = []
+    with pytest.raises(EnginesDown, match=r"rank 1 \(pid 42\) died"):
+        for piece in stream:
+            read.append(piece)
+            if len(read) == 4:
+                rank.die("engine rank 1 (pid 42) died")
+    assert [m["content"] for m in session.messages] == ["First.", "w0 w1 w2", "Talk.", "".join(read)]
+    assert session.last_reply.stats.finish_reason == "error"
+    assert session.send("Go on.", max_new_tokens=2).text == "w0 w1"  # restarted by itself
+    assert rank.restarts == 1 and len(session.messages) == 6
+
+
+def test_a_message_sent_while_the_engines_are_down_stays_for_retry(tmp_path):
+    client, rank = fake_cluster(tmp_path, reply_for=lambda prompt: "Back again.")
+    session = client.session()
+    rank.die("engine rank 0 (pid 7) is stopped")
+    rank.restart = lambda: (_ for _ in ()).throw(LlaisysError("could not restart the engines (no launcher)"))
+    with pytest.raises(LlaisysError, match="could not restart"):
+        session.send("Are you there?")
+    assert session.messages == [{"role": "user", "content": "Are you there?"}]
+    del rank.restart  # the fake's own restart works again
+    assert session.regenerate().text == "Back again."
+    assert [m["role"] for m in session.messages] == ["user", "assistant"]

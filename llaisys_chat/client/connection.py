@@ -7,6 +7,7 @@ pieces over it and reads stop requests from it, so streaming costs microseconds 
 import os
 import socket
 
+from ..errors import EnginesDown, LlaisysError
 from ..model.files import resolve_model
 from ..protocol.messages import build_messages
 from ..protocol.request import MAX_NEW_TOKENS, ReplyRequest
@@ -61,7 +62,7 @@ class ClusterClient:
             messages = build_messages(None, system, prompt_or_messages)
         request = ReplyRequest(messages, SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed),
                                int(max_new_tokens), (stop,) if isinstance(stop, str) else tuple(stop), session_key)
-        reply_stream = ReplyStream(request, self._ranks, self._stream_link(), self.token_timeout)
+        reply_stream = ReplyStream(request, self._ready_ranks(), self._stream_link(), self.token_timeout)
         if stream:
             return reply_stream
         for _ in reply_stream:
@@ -79,12 +80,16 @@ class ClusterClient:
     def run_on_ranks(self, fn, *args, timeout: float | None = None) -> list:
         """fn(*args) on every rank at once (a collective, if fn is one); results in rank order.
         Errors become one-line LlaisysErrors; for diagnostics and benchmarks."""
-        return self._ranks.wait(self._ranks.call(fn, *args), timeout)
+        ranks = self._ready_ranks()
+        return ranks.wait(ranks.call(fn, *args), timeout)
 
     def restart(self) -> None:
         """Restart the engines (e.g. after one died or failed) and load the model again."""
         self._say("restarting the engines...")
         self._ranks.restart()
+        reason = self._ranks.down()
+        if reason is not None:
+            raise LlaisysError(f"the engines went down again as they restarted: {reason}")
         if self._link is not None:  # the new rank 0 connects anew
             self._link.drop_connection()
         spec, self.spec = self.spec, None
@@ -106,7 +111,22 @@ class ClusterClient:
 
     def _on_ranks(self, function: str, *args, timeout: float | None = None) -> list:
         """The engine worker's function(*args) on every rank; results in rank order."""
-        return self._ranks.wait(self._ranks.call_worker(function, *args), timeout)
+        ranks = self._ready_ranks()
+        return ranks.wait(ranks.call_worker(function, *args), timeout)
+
+    def _ready_ranks(self):
+        """The ranks, restarted (and the model reloaded) first if an engine is down: recovery
+        needs no command, and conversations carry on from the messages they hold."""
+        reason = self._ranks.down()
+        if reason is not None:
+            self._say(f"{reason}; restarting the engines and reloading the model...")
+            try:
+                self.restart()
+            except EnginesDown:
+                raise
+            except LlaisysError as e:
+                raise EnginesDown(f"{reason}, and the restart failed: {e}") from None
+        return self._ranks
 
     def _stream_link(self) -> StreamLink:
         if self._link is None:

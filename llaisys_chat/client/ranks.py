@@ -9,8 +9,9 @@ import os
 import signal
 import socket
 import time
+from pathlib import Path
 
-from ..errors import LlaisysError
+from ..errors import EnginesDown, LlaisysError
 
 WORKER_MODULE = "llaisys_chat.engine.worker"
 POLL_SECONDS = 0.05  # how often a waiting client checks that the engines are alive
@@ -36,7 +37,10 @@ class EngineRanks:
 
     def call(self, fn, *args) -> "RankCall":
         """Start fn(*args) on every rank at once."""
-        return RankCall(self, [self._client[r["engine"]].apply_async(fn, *args) for r in self.ranks])
+        try:
+            return RankCall(self, [self._client[r["engine"]].apply_async(fn, *args) for r in self.ranks])
+        except Exception as e:  # an engine has left the controller since: NoEnginesRegistered, ...
+            raise EnginesDown(f"the engines cannot take requests ({type(e).__name__}: {e})") from None
 
     def call_worker(self, function: str, *args) -> "RankCall":
         """Start the engine worker's `function(*args)` on every rank at once."""
@@ -54,14 +58,34 @@ class EngineRanks:
         return call.get(0)
 
     def check(self, call: "RankCall") -> None:
-        """Raise if a rank's part of the call failed, or an engine died: the other ranks may then be
+        """Raise if a rank's part of the call failed, or an engine is down: the other ranks may then be
         waiting in a collective for it, so this cannot wait for the whole call to end."""
         call.raise_if_failed()
-        here = socket.gethostname()  # engines elsewhere are watched by the controller's heartbeat
+        reason = self.down()
+        if reason is not None:
+            raise EnginesDown(f"{reason}; the engines restart with the next request (or restart())")
+
+    def down(self) -> str | None:
+        """Why the ranks cannot serve (an engine process died or is stopped, an engine or the
+        controller left), or None. Engines on this machine are watched directly, others through the
+        controller's heartbeat."""
+        here = socket.gethostname()
+        controller = getattr(self._cluster, "controller", None)
+        controller_pid = getattr(controller, "pid", None)
+        if controller_pid is not None and not pid_alive(controller_pid):
+            return f"the cluster's controller (pid {controller_pid}) died"
         for r in self.ranks:
-            if r["host"] == here and not pid_alive(r["pid"]):
-                raise LlaisysError(f"engine rank {r['rank']} (pid {r['pid']}) died; call restart() to start the "
-                                   f"engines again and reload the model")
+            if r["host"] == here:
+                state = process_state(r["pid"])
+                if state is None:
+                    return f"engine rank {r['rank']} (pid {r['pid']}) died"
+                if state in "Tt":
+                    return f"engine rank {r['rank']} (pid {r['pid']}) is stopped"
+        registered = set(self._client.ids)
+        for r in self.ranks:
+            if r["engine"] not in registered:
+                return f"engine rank {r['rank']} on {r['host']} stopped answering the controller"
+        return None
 
     def interrupt_rank0(self) -> None:
         """SIGUSR1 to rank 0, which the worker turns into a stop at the next step."""
@@ -70,8 +94,17 @@ class EngineRanks:
     def restart(self) -> None:
         """Restart the engines through the cluster's launcher and wait for the new ranks."""
         if self._cluster is None:
-            raise LlaisysError("restart needs a cluster started by ipcluster or by llaisys (not a bare connection file)")
+            raise LlaisysError("the engines need a restart, and a bare connection file cannot do it: restart the "
+                               "cluster (ipcluster stop; ipcluster start --engines=MPI -n N), then connect again")
+        controller_pid = getattr(getattr(self._cluster, "controller", None), "pid", None)
+        if controller_pid is not None and not pid_alive(controller_pid):
+            raise LlaisysError(f"the cluster's controller (pid {controller_pid}) died: stop what is left of the cluster "
+                               f"(ipcluster stop) and connect again, which starts a new one")
         old_pids = {r["pid"] for r in self.ranks}
+        here = socket.gethostname()
+        for r in self.ranks:  # a stopped or hung engine would hold up its launcher's shutdown
+            if r["host"] == here and pid_alive(r["pid"]):
+                os.kill(r["pid"], signal.SIGKILL)
         try:
             self._cluster.restart_engines_sync()
         except Exception as e:
@@ -104,6 +137,8 @@ class EngineRanks:
             self._client.wait_for_engines(expected or 1, timeout=self.timeout, interactive=False)
         except TimeoutError:
             raise LlaisysError(f"the cluster's engines did not register within {self.timeout:.0f} s") from None
+        except Exception as e:  # an engine unregistered while waiting, the controller went away, ...
+            raise LlaisysError(f"the cluster's engines are not ready ({type(e).__name__}: {e})") from None
         ids = sorted(self._client.ids)
         try:
             infos = self._client[ids].apply_sync(call_worker, "rank_info")
@@ -145,7 +180,7 @@ class RankCall:
                 except Exception as e:
                     error = user_error(e)
                     message = str(error) if str(error).startswith("rank ") else f"rank {rank['rank']}: {error}"
-                    raise LlaisysError(message) from None
+                    raise type(error)(message) from None
 
     def get(self, timeout: float) -> list:
         """Every rank's result, waiting up to timeout seconds; a failure raises as a LlaisysError."""
@@ -169,6 +204,15 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def process_state(pid: int) -> str | None:
+    """A local process's state letter (R, S, T for stopped, ...), or None if it no longer exists."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None if not pid_alive(pid) else "?"
+    return stat.rpartition(")")[2].split()[0]
+
+
 def user_error(e: BaseException) -> LlaisysError:
     """One line for an error raised on the engines (the first engine's, when several failed alike)."""
     from ipyparallel.error import CompositeError, EngineError, RemoteError
@@ -180,11 +224,11 @@ def user_error(e: BaseException) -> LlaisysError:
     elif isinstance(e, RemoteError):
         ename, evalue = e.ename, e.evalue
     elif isinstance(e, EngineError):
-        return LlaisysError(f"an engine died ({e}); call restart() to start the engines again")
+        return EnginesDown(f"an engine died ({e}); the engines restart with the next request (or restart())")
     else:
         return LlaisysError(f"{type(e).__name__}: {e}")
     if ename == "LlaisysError":
         return LlaisysError(str(evalue))
     if ename == "EngineError":
-        return LlaisysError(f"an engine died ({evalue}); call restart() to start the engines again")
+        return EnginesDown(f"an engine died ({evalue}); the engines restart with the next request (or restart())")
     return LlaisysError(f"engine error: {ename}: {evalue}")

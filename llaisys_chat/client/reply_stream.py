@@ -3,7 +3,7 @@ while the ranks are watched for failure."""
 import time
 from dataclasses import replace
 
-from ..errors import LlaisysError
+from ..errors import EnginesDown, LlaisysError
 from ..protocol.reply import GenerationStats, Reply
 from ..protocol.request import ReplyRequest
 from .ranks import POLL_SECONDS, user_error
@@ -35,6 +35,10 @@ class ReplyStream:
         except (KeyboardInterrupt, GeneratorExit):
             self.stop()
             self._finish(interrupted=True)
+            raise
+        except EnginesDown:
+            if self.text:  # what the user has read stays: the reply, cut short
+                self.reply = Reply(self.text, stats=GenerationStats(finish_reason="error"))
             raise
         self._finish(interrupted=False)
 

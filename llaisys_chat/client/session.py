@@ -7,7 +7,7 @@ import json
 import uuid
 from pathlib import Path
 
-from ..errors import LlaisysError
+from ..errors import EnginesDown, LlaisysError
 from ..protocol.messages import validate_messages, visible_reply
 from ..protocol.reply import Reply
 from ..protocol.sampling import SamplingParams
@@ -42,9 +42,12 @@ class Session:
         return self._reply(stream, sampling, undo=self.messages.pop)
 
     def regenerate(self, stream: bool = False, **sampling):
-        """Replace the last reply with a new one."""
-        if not self.messages or self.messages[-1]["role"] != "assistant":
+        """Replace the last reply with a new one (or answer the last message, if it has no reply:
+        the engines went down before one began)."""
+        if not self.messages:
             raise LlaisysError("there is no reply to regenerate")
+        if self.messages[-1]["role"] != "assistant":
+            return self._reply(stream, sampling, undo=lambda: None)
         previous = self.messages.pop()
         return self._reply(stream, sampling, undo=lambda: self.messages.append(previous))
 
@@ -125,10 +128,13 @@ class Session:
 
     def _reply(self, stream: bool, overrides: dict, undo):
         """Generate the next reply; if it fails before any reply exists, undo() puts the
-        conversation back as it was."""
+        conversation back as it was (unless the engines went down: then the message stays, to be
+        answered by /retry or followed by the next one once they are back)."""
         settings = {**self.sampling, **overrides}
         try:
             reply_stream = self._client.generate(self.prompt_messages(), stream=True, session_key=self.key, **settings)
+        except EnginesDown:
+            raise
         except BaseException:
             undo()
             raise
@@ -154,9 +160,9 @@ class _RecordingStream:
         try:
             yield from self._stream
         except BaseException as e:
-            if self._stream.reply is not None:  # stopped: keep what was said
+            if self._stream.reply is not None:  # stopped, or cut short by an engine going down: keep what was said
                 self._session._record(self._stream.reply)
-            else:
+            elif not isinstance(e, EnginesDown):
                 self._undo()  # failed before a reply existed: the turn did not happen
             if isinstance(e, GeneratorExit):
                 return

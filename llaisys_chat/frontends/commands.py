@@ -23,7 +23,8 @@ HELP = """Commands:
   /reset  (/clear)      start a new conversation
   /history              the conversation so far
   /undo                 remove the last exchange
-  /retry                replace the last reply with a new one
+  /retry                replace the last reply with a new one (or answer a message left without one)
+  /restart              restart the engines and reload the model (done by itself when one goes down)
   /save FILE, /load FILE  write or read the conversation as JSON
   /stats                the last reply: tokens, time to first token, prefill and decode speed
   /think show|hide      show reasoning (<think>...</think>) dimmed, or hide it
@@ -32,7 +33,7 @@ HELP = """Commands:
 Input: Enter sends; Alt-Enter (or Esc then Enter) starts a new line; a message may also be
 wrapped in \"\"\" lines. Ctrl-C stops a reply and keeps what was written."""
 
-NAMES = ["/system", "/set", "/show", "/history", "/reset", "/clear", "/undo", "/retry", "/save", "/load", "/stats", "/think",
+NAMES = ["/system", "/set", "/show", "/history", "/reset", "/clear", "/undo", "/retry", "/restart", "/save", "/load", "/stats", "/think",
          "/help", "/quit", "/exit", "/bye"]
 
 
@@ -128,9 +129,13 @@ class Commands:
         return CommandResult(f"Removed: {_shorten(text)}")
 
     def _retry(self, args):
-        if not self.session.messages or self.session.messages[-1]["role"] != "assistant":
+        if not self.session.messages:
             raise LlaisysError("there is no reply to retry")
-        return CommandResult(regenerate=True)
+        return CommandResult(regenerate=True)  # a last message without a reply gets one
+
+    def _restart(self, args):
+        self.client.restart()
+        return CommandResult(f"Engines restarted; the conversation ({len(self.session.messages)} messages) carries on.")
 
     def _save(self, args):
         if len(args) != 1:
@@ -168,7 +173,8 @@ class Commands:
 
 _HANDLERS = {"/system": Commands._system, "/set": Commands._set, "/show": Commands._show,
              "/history": Commands._history, "/reset": Commands._reset,
-             "/clear": Commands._reset, "/undo": Commands._undo, "/retry": Commands._retry, "/save": Commands._save,
+             "/clear": Commands._reset, "/undo": Commands._undo, "/retry": Commands._retry,
+             "/restart": Commands._restart, "/save": Commands._save,
              "/load": Commands._load, "/stats": Commands._stats, "/think": Commands._think, "/help": Commands._help,
              "/quit": Commands._quit, "/exit": Commands._quit, "/bye": Commands._quit}
 
