@@ -20,26 +20,26 @@ from .protocol.messages import build_messages
 from .protocol.reply import Reply
 from .protocol.sampling import SamplingParams
 
-GREEDY = {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "max_new_tokens": 256}
+GREEDY = {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "max_new_tokens": 256, "context": "trim"}
 
 
 def generate(prompt: str | None = None, *, messages: list | None = None, system: str | None = None,
              engine: Engine | None = None, model: str = "demo", max_new_tokens: int = 256,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-             stop: tuple[str, ...] = (), on_text=None) -> Reply:
+             stop: tuple[str, ...] = (), context: str = "trim", on_text=None) -> Reply:
     """Generate one reply in this process (or this MPI rank, as part of a group).
 
     `engine` reuses a loaded Engine; otherwise `model` ('demo', a .gguf or a folder) is loaded.
     `on_text(piece)` is called with each text piece as it is produced.
     """
     engine = engine or Engine(model)
-    prompt_ids = engine.chat.encode_chat(build_messages(prompt, system, messages))
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-    run = engine.generate(prompt_ids, params, max_new_tokens=max_new_tokens, stop=stop)
+    run = engine.reply(build_messages(prompt, system, messages), params, max_new_tokens=max_new_tokens,
+                       context=context, stop=stop)
     for _, piece in run:
         if piece and on_text:
             on_text(piece)
-    return Reply(run.text, prompt_ids, run.tokens, run.stats)
+    return Reply(run.text, run.prompt_ids, run.tokens, run.stats)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -30,7 +30,7 @@ from .frontends.options import (
     sampling_options,
 )
 from .frontends.render import StreamRenderer
-from .frontends.streaming import stream_reply
+from .frontends.streaming import context_notice, stream_reply
 
 STYLE = merge_styles([style_from_pygments_cls(get_style_by_name("monokai")), Style.from_dict({
     "bottom-toolbar": "noreverse bg:#303030 fg:#b0b0b0", "prompt": "bold fg:ansigreen", "info": "fg:ansicyan",
@@ -122,12 +122,16 @@ class Repl:
         """Stream one reply; Ctrl-C stops it on every rank and keeps what was written."""
         renderer = StreamRenderer(self._write, show_thinking=self.commands.show_thinking)
         try:
-            stopped = stream_reply(start(**kwargs), renderer.feed)
+            stream = start(**kwargs)
+            stopped = stream_reply(stream, renderer.feed)
             renderer.finish()
             if stopped:
                 self._say("\n[stopped]", "class:dim")
             else:
                 self._write(FormattedText([("", "\n")]))
+            notice = context_notice(stream.reply)
+            if notice:
+                self._say(notice, "class:dim")
         except KeyboardInterrupt:  # before the reply began
             renderer.finish()
             self._say("\n[stopped]", "class:dim")
@@ -178,6 +182,9 @@ def run_plain(client, session, lines, out, err=sys.stderr) -> int:
                 out.write(piece)
                 out.flush()
             out.write("\n")
+            notice = context_notice(stream.reply)
+            if notice:
+                print(notice, file=err, flush=True)
         except LlaisysError as e:
             print(f"llaisys-chat: error: {e}", file=err, flush=True)
     return 0

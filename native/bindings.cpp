@@ -289,6 +289,7 @@ PYBIND11_MODULE(_native, m) {
             model.finish_loading();
         })
         .def("new_cache", &Qwen2::new_cache, py::arg("capacity"))
+        .def("drop_from_cache", &Qwen2::drop_from_cache, py::arg("cache"), py::arg("begin"), py::arg("end"))
         .def("forward", [](Qwen2& model, KVCache& cache, std::vector<int32_t> tokens, bool all_positions) {
             py::gil_scoped_release nogil;
             return model.forward(cache, tokens, all_positions);

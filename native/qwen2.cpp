@@ -190,6 +190,30 @@ KVCache Qwen2::new_cache(int64_t capacity) const {
     return cache;
 }
 
+void Qwen2::drop_from_cache(KVCache& cache, int64_t begin, int64_t end) const {
+    const int64_t n = static_cast<int64_t>(cache.tokens.size()), moved = n - end, hd = config_.head_dim;
+    LLAISYS_CHECK(0 <= begin && begin <= end && end <= n, "drop_from_cache: positions out of range");
+    if (begin == end) return;
+    Tensor shift = Tensor::empty({moved}, DType::I64);
+    for (int64_t i = 0; i < moved; ++i) shift.data<int64_t>()[i] = begin - end;
+    for (size_t l = 0; l < cache.k.size(); ++l) {
+        for (Tensor* t : {&cache.k[l], &cache.v[l]}) {
+            for (int64_t h = 0; h < t->size(0); ++h) {
+                Tensor head = t->slice(0, h, h + 1);
+                std::memmove(head.slice(1, begin, begin + moved).base, head.slice(1, end, n).base,
+                             bytes_of(t->dtype, moved * hd));
+                if (t == &cache.k[l] && moved > 0) {
+                    Tensor keys = head.slice(1, begin, begin + moved);  // as [moved, 1 head, hd] for rope
+                    keys.shape = {moved, 1, hd};
+                    keys.strides = {hd, hd, 1};
+                    ops::rope(keys, keys, shift, config_.rope_theta);
+                }
+            }
+        }
+    }
+    cache.tokens.erase(cache.tokens.begin() + begin, cache.tokens.begin() + end);
+}
+
 size_t Qwen2::weight_bytes() const {
     size_t total = embed_tokens.nbytes() + final_norm.nbytes() + lm_head.nbytes();
     for (const Qwen2Layer& l : layers)

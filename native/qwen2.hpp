@@ -89,6 +89,10 @@ class Qwen2 {
     void finish_loading();
 
     KVCache new_cache(int64_t capacity) const;
+    // Removes positions [begin, end) from the cache: the later keys and values move down and the
+    // keys turn back by end - begin positions, so that the cache holds what running the shorter
+    // sequence would have (but for rounding). Long conversations drop their oldest messages so.
+    void drop_from_cache(KVCache& cache, int64_t begin, int64_t end) const;
     // Runs `tokens` after those already in the cache, appends them to it, and returns the logits
     // of this shard's vocabulary rows: [1, V_l] for the last position, or [M, V_l] for all.
     Tensor forward(KVCache& cache, const std::vector<int32_t>& tokens, bool all_positions);

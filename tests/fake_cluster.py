@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from llaisys_chat.cluster import Cluster
+from llaisys_chat.engine import Engine
 from llaisys_chat.engine.collectives import SingleProcess
 from llaisys_chat.engine.worker import Worker
 from llaisys_chat.errors import EnginesDown, LlaisysError
@@ -27,8 +28,12 @@ class ScriptedEngine:
     """Engine's interface: each reply is `reply_for(messages)` word by word, one word per step,
     `step_seconds` apart; the stop check runs before every step, as the real engine's does."""
 
-    def __init__(self, reply_for=None, step_seconds: float = 0.0):
+    fit = Engine.fit  # the real engine's choice of messages and start of a reply, on words as tokens
+    reply = Engine.reply
+
+    def __init__(self, reply_for=None, step_seconds: float = 0.0, max_context: int = 128):
         self.group = SingleProcess()
+        self.max_context = max_context
         self.chat = ScriptedChat()
         self.reply_for = reply_for or (lambda prompt: "Hello from the fake engine.")
         self.step_seconds = step_seconds
@@ -46,7 +51,7 @@ class ScriptedEngine:
         return ScriptedGeneration(self, prompt_ids, max_new_tokens, should_stop)
 
     def info(self) -> dict:
-        return {"model": "scripted", "rank": 0, "ranks": 1, "threads": 1, "weights": "bf16", "max_context": 128,
+        return {"model": "scripted", "rank": 0, "ranks": 1, "threads": 1, "weights": "bf16", "max_context": self.max_context,
                 "shard": {}, "weight_bytes": 0, "cache_bytes": 0, "rss_bytes": 0}
 
     def drop_cache(self, key: str) -> None:
@@ -58,6 +63,7 @@ class ScriptedGeneration:
 
     def __init__(self, engine: ScriptedEngine, prompt_ids, max_new_tokens, should_stop):
         self.engine, self.max_new_tokens, self.should_stop = engine, max_new_tokens, should_stop
+        self.prompt_ids, self.prompt = list(prompt_ids), ""
         self.tokens: list[int] = []
         self.text = ""
         self.stats = GenerationStats(prompt_tokens=len(prompt_ids))

@@ -4,7 +4,7 @@ import pytest
 from fake_cluster import fake_cluster
 
 from llaisys_chat.errors import EnginesDown, LlaisysError
-from llaisys_chat.frontends.streaming import stream_reply
+from llaisys_chat.frontends.streaming import context_notice, stream_reply
 
 LONG = " ".join(f"w{i}" for i in range(300))
 
@@ -167,3 +167,23 @@ def test_a_message_sent_while_the_engines_are_down_stays_for_retry(tmp_path):
     del rank.restart  # the fake's own restart works again
     assert session.regenerate().text == "Back again."
     assert [m["role"] for m in session.messages] == ["user", "assistant"]
+
+
+def test_a_conversation_longer_than_the_context_lets_its_oldest_messages_go(tmp_path):
+    client, rank = fake_cluster(tmp_path, reply_for=lambda prompt: "one two three four five six")
+    rank.engine.max_context = 60  # words
+    session = client.session(system="Keep this rule.", max_new_tokens=6)
+    for i in range(8):
+        session.send(f"message number {i} " + "padding " * 4)
+    reply = session.last_reply
+    assert reply.stats.dropped_messages > 0 and reply.stats.max_context == 60
+    assert context_notice(reply) == f"(dropped {reply.stats.dropped_messages} earlier messages to fit the 60-token context)"
+    prompt = rank.engine.prompts[-1]
+    assert prompt.startswith("[system] Keep this rule.\n[user] message number")  # the system prompt stays, a user turn leads
+    assert "message number 7" in prompt and "message number 0" not in prompt
+    assert len(prompt.split()) <= 60 - 6
+    assert len(session.messages) == 16  # the conversation itself keeps everything
+    session.set(context="error")
+    with pytest.raises(LlaisysError, match="the conversation is .* tokens but the context holds 60 .*context trim"):
+        session.send("one more " * 10)
+    assert len(session.messages) == 16

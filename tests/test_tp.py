@@ -10,7 +10,6 @@ from tiny import write_tiny_gguf
 
 from llaisys_chat.engine import Engine
 from llaisys_chat.engine.shard_plan import ShardPlan, split
-from llaisys_chat.errors import LlaisysError
 from llaisys_chat.generate import generate
 from llaisys_chat.model.checkpoint import Checkpoint
 from llaisys_chat.model.config import ModelConfig

@@ -10,7 +10,7 @@ import socket
 from ..errors import EnginesDown, LlaisysError
 from ..model.files import resolve_model
 from ..protocol.messages import build_messages
-from ..protocol.request import MAX_NEW_TOKENS, ReplyRequest
+from ..protocol.request import CONTEXT_POLICIES, MAX_NEW_TOKENS, ReplyRequest
 from ..protocol.sampling import SamplingParams
 from .reply_stream import ReplyStream
 from .stream_link import StreamLink
@@ -53,15 +53,20 @@ class ClusterClient:
 
     def generate(self, prompt_or_messages, *, max_new_tokens: int = MAX_NEW_TOKENS, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int | None = None, stop=(), stream: bool = False, system: str | None = None,
-                 session_key: str = "default"):
+                 session_key: str = "default", context: str = "trim"):
         """A reply to a prompt string or a message list: a Reply, or with stream=True a ReplyStream
-        that yields text pieces as the engines produce them. Defaults are greedy."""
+        that yields text pieces as the engines produce them. Defaults are greedy. context="trim" lets
+        the oldest messages go when the conversation outgrows the context (stats.dropped_messages
+        says how many); "error" refuses it."""
+        if context not in CONTEXT_POLICIES:
+            raise LlaisysError(f"context must be {' or '.join(CONTEXT_POLICIES)}, not {context!r}")
         if isinstance(prompt_or_messages, str):
             messages = build_messages(prompt_or_messages, system)
         else:
             messages = build_messages(None, system, prompt_or_messages)
         request = ReplyRequest(messages, SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed),
-                               int(max_new_tokens), (stop,) if isinstance(stop, str) else tuple(stop), session_key)
+                               int(max_new_tokens), (stop,) if isinstance(stop, str) else tuple(stop), session_key,
+                               context)
         reply_stream = ReplyStream(request, self._ready_ranks(), self._stream_link(), self.token_timeout)
         if stream:
             return reply_stream

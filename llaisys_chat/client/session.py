@@ -10,10 +10,11 @@ from pathlib import Path
 from ..errors import EnginesDown, LlaisysError
 from ..protocol.messages import validate_messages, visible_reply
 from ..protocol.reply import Reply
+from ..protocol.request import CONTEXT_POLICIES
 from ..protocol.sampling import SamplingParams
 
 FORMAT_VERSION = 1
-SAMPLING_KEYS = ("temperature", "top_k", "top_p", "seed", "max_new_tokens")
+SAMPLING_KEYS = ("temperature", "top_k", "top_p", "seed", "max_new_tokens", "context")
 CHAT_DEFAULTS = {"temperature": 0.7, "top_k": 20, "top_p": 0.8}  # Qwen2.5's recommended sampling for chat
 
 
@@ -73,7 +74,7 @@ class Session:
     # -- settings and files -------------------------------------------------------------------
 
     def set(self, **sampling) -> None:
-        """Change sampling settings (temperature, top_k, top_p, seed, max_new_tokens); checked now."""
+        """Change settings (temperature, top_k, top_p, seed, max_new_tokens, context); checked now."""
         unknown = set(sampling) - set(SAMPLING_KEYS)
         if unknown:
             raise LlaisysError(f"unknown setting {sorted(unknown)[0]!r}; settings are {', '.join(SAMPLING_KEYS)}")
@@ -81,6 +82,8 @@ class Session:
         SamplingParams(**{k: merged[k] for k in ("temperature", "top_k", "top_p", "seed") if k in merged})
         if "max_new_tokens" in merged and not (isinstance(merged["max_new_tokens"], int) and merged["max_new_tokens"] > 0):
             raise LlaisysError(f"max_new_tokens must be a positive whole number, not {merged['max_new_tokens']!r}")
+        if merged.get("context", "trim") not in CONTEXT_POLICIES:
+            raise LlaisysError(f"context must be {' or '.join(CONTEXT_POLICIES)}, not {merged['context']!r}")
         self.sampling = merged
 
     def state(self) -> dict:

@@ -68,6 +68,38 @@ class Engine:
         self.cache_slots = cache_slots
         self._caches: OrderedDict[str, object] = OrderedDict()
 
+    def fit(self, messages: list[dict], max_new_tokens: int, context: str = "trim") -> tuple[str, list[int], int]:
+        """The conversation's prompt (text and ids) and how many of its earliest messages were left
+        out to fit the context with room for the reply (up to a quarter of it): whole messages,
+        never the system prompt, starting again at a user's turn. With context="error", none are."""
+        system = messages[:1] if messages and messages[0]["role"] == "system" else []
+        rest = messages[len(system):]
+        room = self.max_context - min(max_new_tokens, self.max_context // 4)
+        dropped = 0
+        while True:
+            prompt = self.chat.render(system + rest[dropped:])
+            ids = self.chat.encode(prompt)
+            if len(ids) <= room or context != "trim" or dropped >= len(rest) - 1:
+                break
+            dropped += 1
+            while dropped < len(rest) - 1 and rest[dropped]["role"] != "user":
+                dropped += 1
+        if len(ids) >= self.max_context:
+            what = "the last message alone" if context == "trim" and len(rest) > 1 else "the conversation"
+            hint = "shorten it" if context == "trim" else "start a new conversation, or let its oldest messages go (context trim)"
+            raise LlaisysError(f"{what} is {len(ids)} tokens but the context holds {self.max_context} ({hint})")
+        return prompt, ids, dropped
+
+    def reply(self, messages: list[dict], params: SamplingParams = SamplingParams(), *, max_new_tokens: int = 256,
+              context: str = "trim", **options) -> "Generation":
+        """Start the reply to a conversation, fitted to the context (fit()); `prompt` on the result is
+        the rendered prompt, and its stats say how many messages were left out."""
+        prompt, prompt_ids, dropped = self.fit(messages, max_new_tokens, context)
+        run = self.generate(prompt_ids, params, max_new_tokens=max_new_tokens, **options)
+        run.prompt = prompt
+        run.stats.dropped_messages, run.stats.max_context = dropped, self.max_context
+        return run
+
     def generate(self, prompt_ids: list[int], params: SamplingParams = SamplingParams(), *, max_new_tokens: int = 256,
                  stop: tuple[str, ...] = (), cache_key: str = "default", should_stop=None) -> "Generation":
         """Start a reply to prompt_ids; iterate the result for (token id, text piece) pairs."""
@@ -75,7 +107,8 @@ class Engine:
             raise LlaisysError("the prompt is empty")
         if len(prompt_ids) >= self.max_context:
             raise LlaisysError(f"the prompt is {len(prompt_ids)} tokens but the context holds {self.max_context} "
-                               f"(start a new conversation, or raise max_context)")
+                               f"(start a new conversation, let its oldest messages go (context trim), or raise "
+                               f"max_context)")
         if max_new_tokens < 1:
             raise LlaisysError(f"max_new_tokens must be at least 1, not {max_new_tokens}")
         if params.temperature > 0 and params.seed is None:
@@ -118,6 +151,7 @@ class Generation:
         self.cache, self.should_stop = cache, should_stop
         self.tokens: list[int] = []
         self.text = ""
+        self.prompt = ""  # the rendered prompt, when the reply was asked for by messages
         self.stats = GenerationStats(prompt_tokens=len(prompt_ids))
 
     def __iter__(self):
@@ -168,14 +202,39 @@ class Generation:
         return self
 
     def _prefill(self):
-        """Reuse the longest prefix of the prompt already in the cache and compute the rest."""
+        """Reuse what the cache holds of the prompt and compute the rest. The cache may hold the
+        prompt's start, or (once a long conversation's oldest messages were let go) its start, then
+        the dropped messages, then the prompt's continuation: the dropped span is taken out of it."""
         cached = self.cache.tokens
-        n = min(len(cached), len(self.prompt_ids) - 1)  # the last prompt token is always recomputed
-        same = np.flatnonzero(cached[:n] != np.asarray(self.prompt_ids[:n], dtype=np.int32))
-        keep = int(same[0]) if same.size else n
+        prompt = np.asarray(self.prompt_ids, dtype=np.int32)
+        keep = _common_prefix(cached, prompt[:len(prompt) - 1])  # the last prompt token is always recomputed
+        span = _dropped_span(cached, prompt, keep)
+        if span:
+            self.engine.model.drop_from_cache(self.cache, keep, keep + span)
+            keep = _common_prefix(self.cache.tokens, prompt[:len(prompt) - 1])
         self.cache.truncate(keep)
         self.stats.cached_tokens = keep
         return self.engine.model.forward(self.cache, self.prompt_ids[keep:])
+
+
+def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    """Length of the longest common prefix of two id arrays."""
+    n = min(len(a), len(b))
+    different = np.flatnonzero(a[:n] != b[:n])
+    return int(different[0]) if different.size else n
+
+
+def _dropped_span(cached: np.ndarray, prompt: np.ndarray, keep: int) -> int:
+    """The length d of a span cached[keep:keep + d] whose removal leaves the rest of the cache
+    continuing the prompt (at least 16 tokens of it), or 0."""
+    rest = prompt[keep:len(prompt) - 1]
+    if len(rest) < 16 or len(cached) - keep < 16:
+        return 0
+    for d in np.flatnonzero(cached[keep + 1:] == rest[0]) + 1:
+        n = min(len(cached) - keep - d, len(rest))
+        if n >= 16 and np.array_equal(cached[keep + d:keep + d + n], rest[:n]):
+            return int(d)
+    return 0
 
 
 def _stop_position(text: str, stops: tuple[str, ...], start: int = 0) -> int | None:

@@ -63,12 +63,11 @@ class Worker:
         rank0 = engine.group.rank == 0
         # A client that cannot be reached makes the reply stop at its first step, on every rank.
         self.stop_requested = rank0 and not self.link.open(request.stream_to, request.stream_token)
-        prompt = engine.chat.render(request.messages)
-        prompt_ids = engine.chat.encode(prompt)
-        run = engine.generate(prompt_ids, request.sampling, max_new_tokens=request.max_new_tokens, stop=request.stop,
-                              cache_key=request.session, should_stop=lambda: self._should_stop(rank0, request.id))
+        run = engine.reply(request.messages, request.sampling, max_new_tokens=request.max_new_tokens,
+                           context=request.context, stop=request.stop, cache_key=request.session,
+                           should_stop=lambda: self._should_stop(rank0, request.id))
         # A prompt that opened the reasoning block: the client sees the tag, as if the model wrote it.
-        opened = lead = "<think>" if opens_reasoning(prompt) else ""
+        opened = lead = "<think>" if opens_reasoning(run.prompt) else ""
         for _, piece in run:
             if rank0 and (piece or lead):
                 self._send(piece_message(request.id, lead + piece))
@@ -76,7 +75,7 @@ class Worker:
         if not rank0:
             return None
         self._send(done_message(request.id))
-        return Reply(opened + run.text, prompt_ids, run.tokens, run.stats)
+        return Reply(opened + run.text, run.prompt_ids, run.tokens, run.stats)
 
     def request_stop(self) -> None:
         """Stop the running reply at the next step (safe to call from a signal handler)."""

@@ -14,11 +14,12 @@ from ..errors import LlaisysError
 
 # /set names -> Session.sampling keys, with how to read the value.
 PARAMETERS = {"temperature": ("temperature", float), "top_k": ("top_k", int), "top_p": ("top_p", float),
-              "max_tokens": ("max_new_tokens", int), "seed": ("seed", int)}
+              "max_tokens": ("max_new_tokens", int), "seed": ("seed", int), "context": ("context", str)}
 
 HELP = """Commands:
   /system [TEXT]        show the system prompt, or set it
-  /set PARAM VALUE      temperature, top_k, top_p, max_tokens, seed (seed none = random)
+  /set PARAM VALUE      temperature, top_k, top_p, max_tokens, seed (seed none = random),
+                        context trim|error (let a long conversation's oldest messages go, or refuse)
   /show                 settings, model, ranks and context use
   /reset  (/clear)      start a new conversation
   /history              the conversation so far

@@ -26,7 +26,7 @@ from .options import (
     cluster_options,
     sampling_options,
 )
-from .streaming import stream_reply
+from .streaming import context_notice, stream_reply
 
 DEFAULT_SESSION = "default"
 LINE_USAGE = ("%llaisys connect [options] | model M | [--session NAME] COMMAND [ARGS], where COMMAND is any of the "
@@ -151,6 +151,8 @@ class LlaisysMagics(Magics):
             print()
         if stopped:
             print("[stopped]")
+        if context_notice(reply):
+            print(context_notice(reply))
 
     def _line(self, line):
         words = _words(line)

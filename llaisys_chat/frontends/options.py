@@ -3,7 +3,7 @@ how to sample. The REPL, the magic, the chat kernel and llaisys-generate all add
 from .. import __version__
 from ..client.session import CHAT_DEFAULTS
 from ..model.builtins import BUILTINS, DEFAULT_MODEL
-from ..protocol.request import MAX_NEW_TOKENS, WEIGHT_TYPES
+from ..protocol.request import CONTEXT_POLICIES, MAX_NEW_TOKENS, WEIGHT_TYPES
 
 CHAT_SAMPLING = {**CHAT_DEFAULTS, "max_new_tokens": MAX_NEW_TOKENS}  # what a chat uses when not told otherwise
 
@@ -59,9 +59,12 @@ def add_sampling_options(parser, defaults: dict = CHAT_SAMPLING) -> None:
     parser.add_argument("--max-tokens", "--max-new-tokens", dest="max_new_tokens", type=int, metavar="N",
                         help=f"longest reply, in tokens (default: {defaults['max_new_tokens']})")
     parser.add_argument("--seed", type=int, metavar="S", help="seed for repeatable sampling (default: a random one)")
+    parser.add_argument("--context", choices=CONTEXT_POLICIES,
+                        help="when a conversation outgrows the context: trim lets its oldest messages go (never "
+                             "the system prompt), error refuses the message (default: trim)")
 
 
 def sampling_options(args) -> dict:
     """The sampling options given on the command line, as Session.sampling keys (others left out)."""
-    given = {k: getattr(args, k) for k in ("temperature", "top_k", "top_p", "max_new_tokens", "seed")}
+    given = {k: getattr(args, k) for k in ("temperature", "top_k", "top_p", "max_new_tokens", "seed", "context")}
     return {k: v for k, v in given.items() if v is not None}

@@ -14,3 +14,11 @@ def stream_reply(stream, show) -> bool:
         pieces.close()  # stops the ranks (if the interrupt came while showing) and keeps the text so far
         return True
     return False
+
+
+def context_notice(reply) -> str | None:
+    """What a front end tells when a conversation's earliest messages were left out to fit."""
+    n = reply.stats.dropped_messages if reply is not None else 0
+    if not n:
+        return None
+    return f"(dropped {n} earlier message{'s' if n > 1 else ''} to fit the {reply.stats.max_context}-token context)"

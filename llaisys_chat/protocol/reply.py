@@ -12,7 +12,9 @@ class GenerationStats:
     prefill_seconds: float = 0.0
     first_token_seconds: float = 0.0  # from the request to the first token
     decode_seconds: float = 0.0
-    finish_reason: str = ""      # stop | length | context | interrupted
+    finish_reason: str = ""      # stop | length | context | interrupted | error
+    dropped_messages: int = 0    # earliest messages left out so that the conversation fits the context
+    max_context: int = 0         # the context it had to fit
 
     @property
     def prefill_tokens_per_s(self) -> float:

@@ -7,6 +7,9 @@ from .sampling import SamplingParams
 MAX_NEW_TOKENS = 512  # a reply's length limit unless the caller sets one
 # What a model's matrices are computed in (the load option `weights`): its own types, or one for all.
 WEIGHT_TYPES = ("auto", "bf16", "f32", "q8_0", "q4_0")
+# What happens when a conversation outgrows the context: its oldest messages go (never the system
+# prompt; whole messages, so that the chat template stays whole), or the request fails.
+CONTEXT_POLICIES = ("trim", "error")
 
 
 @dataclass(frozen=True)
@@ -18,6 +21,7 @@ class ReplyRequest:
     max_new_tokens: int = MAX_NEW_TOKENS
     stop: tuple[str, ...] = ()
     session: str = "default"  # names the conversation's cache on the ranks
+    context: str = "trim"     # one of CONTEXT_POLICIES
     stream_to: str = ""       # the client's link address, where rank 0 sends the pieces
     stream_token: str = ""    # what rank 0 presents there first (the link is private)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)

@@ -13,7 +13,7 @@ from ... import __version__, cluster
 from ...errors import LlaisysError
 from ...protocol.messages import reply_markdown
 from ..commands import CommandCompleter, Commands
-from ..streaming import stream_reply
+from ..streaming import context_notice, stream_reply
 
 
 class ChatKernel(Kernel):
@@ -62,6 +62,8 @@ class ChatKernel(Kernel):
         reply = stream.reply
         if silent or reply is None:
             return
+        if context_notice(reply):
+            self._stream(context_notice(reply) + "\n", name="stderr")
         self.send_response(self.iopub_socket, "clear_output", {"wait": True})
         self.send_response(self.iopub_socket, "execute_result", {
             "execution_count": self.execution_count, "metadata": {},
