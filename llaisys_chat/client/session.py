@@ -99,9 +99,12 @@ class Session:
         system = state.get("system")
         if system is not None and not isinstance(system, str):
             raise LlaisysError(f"{source}: 'system' must be text")
+        settings = state.get("sampling") or {}
+        if not isinstance(settings, dict) or not all(isinstance(k, str) for k in settings):
+            raise LlaisysError(f"{source}: 'sampling' must be an object of settings")
         sampling, self.sampling = self.sampling, {}
         try:
-            self.set(**(state.get("sampling") or {}))
+            self.set(**settings)
         except LlaisysError:
             self.sampling = sampling
             raise
