@@ -1,6 +1,9 @@
 """The cluster API against a real `ipcluster start --engines=MPI -n 2` and the real demo model."""
+import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -142,6 +145,21 @@ def test_user_errors_come_back_as_one_line(chat):
     with pytest.raises(LlaisysError, match="temperature"):
         chat.generate("hi", temperature=-1)
     assert chat.generate("hi", max_new_tokens=3).text  # the engines are fine afterwards
+
+
+def test_concurrent_clients_each_get_their_own_reply_in_turn(chat):
+    """Three client processes at once, four replies each: every rank runs their calls in one order."""
+    prompts = ["Name a prime number.", "Name a colour.", "Name a planet."]
+    solo = {p: chat.generate(p, max_new_tokens=20).new_ids for p in prompts}
+    code = ("import json, sys\nfrom llaisys_chat import cluster\n"
+            "c = cluster.connect('demo', quiet=True)\n"
+            "print(json.dumps([c.generate(sys.argv[1], max_new_tokens=20).new_ids for _ in range(4)]))\nc.close()\n")
+    clients = [subprocess.Popen([sys.executable, "-c", code, p], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for p in prompts]
+    for prompt, client in zip(prompts, clients):
+        out, err = client.communicate(timeout=600)
+        assert client.returncode == 0, err[-2000:]
+        assert json.loads(out.strip().splitlines()[-1]) == [solo[prompt]] * 4, prompt
 
 
 def test_reconnect_reuses_the_loaded_model(chat):

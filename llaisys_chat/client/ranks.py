@@ -3,6 +3,12 @@ signals, restarts, and their errors turned into one-line LlaisysErrors.
 
 The client names the engine worker's functions (engine/worker.py) instead of importing them: the
 worker is imported on the engines only, so the user's process never loads the engine.
+
+Calls go out through ipyparallel's broadcast scheduler as one message, which the scheduler passes on
+to every engine in the order it received them: however many clients (a REPL, a notebook, a script)
+share the cluster, every rank runs their collective calls in the same order, so no two ranks can meet
+in different collectives. (A direct view sends one message per engine, and two clients' messages
+could interleave differently at each.)
 """
 import importlib
 import os
@@ -36,11 +42,16 @@ class EngineRanks:
         return all(r["host"] == socket.gethostname() for r in self.ranks)
 
     def call(self, fn, *args) -> "RankCall":
-        """Start fn(*args) on every rank at once."""
+        """Start fn(*args) on every rank at once, in the same order as every other client's calls."""
+        from ipyparallel.client.asyncresult import AsyncResult
+
         try:
-            return RankCall(self, [self._client[r["engine"]].apply_async(fn, *args) for r in self.ranks])
+            view = self._client.broadcast_view(targets=[r["engine"] for r in self.ranks])
+            sent = view.apply_async(fn, *args)
         except Exception as e:  # an engine has left the controller since: NoEnginesRegistered, ...
             raise EnginesDown(f"the engines cannot take requests ({type(e).__name__}: {e})") from None
+        # One result per rank (in target order), so that a rank's failure shows while others wait.
+        return RankCall(self, [AsyncResult(self._client, msg_id) for msg_id in sent.msg_ids])
 
     def call_worker(self, function: str, *args) -> "RankCall":
         """Start the engine worker's `function(*args)` on every rank at once."""
