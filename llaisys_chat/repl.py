@@ -31,6 +31,7 @@ from .frontends.options import (
 )
 from .frontends.render import StreamRenderer
 from .frontends.streaming import context_notice, stream_reply
+from .model.builtins import find_builtin
 
 STYLE = merge_styles([style_from_pygments_cls(get_style_by_name("monokai")), Style.from_dict({
     "bottom-toolbar": "noreverse bg:#303030 fg:#b0b0b0", "prompt": "bold fg:ansigreen", "info": "fg:ansicyan",
@@ -148,9 +149,8 @@ class Repl:
                     f"{self.commands.context_used()}/{self.info['max_context']} tokens{speed} · /help ")
 
     def _model_name(self) -> str:
-        if self.info["model"] != "demo":
-            return self.info["model"]
-        return f"demo: {Path(self.info['folder']).name.rsplit('-', 2)[0]}"  # the folder name without key and dtype
+        builtin = find_builtin(self.info["model"])
+        return builtin.name if builtin else self.info["model"]  # "demo" shows as the model it stands for
 
     def _write(self, formatted) -> None:
         print_formatted_text(formatted, end="", style=STYLE, output=self.output)

@@ -136,6 +136,9 @@ class InProcessRanks:
     def down(self) -> str | None:
         return self.down_reason
 
+    def refresh(self) -> None:
+        """Nobody else restarts this rank: what the controller has is what there was."""
+
     def interrupt_rank0(self) -> None:
         self.interrupts += 1
         self.worker.request_stop()

@@ -39,7 +39,7 @@ def run_repl(client, keys: str, **session_options):
 def test_banner_reply_and_stats(client):
     printed, session = run_repl(client, "What is 2 + 2?\r/stats\r")
     banner = printed.splitlines()[0]
-    assert banner == "llaisys-chat · demo: qwen2.5-coder-0.5b-instruct · 2 ranks · 8192-token context · /help for help, Ctrl-D to quit"
+    assert banner == "llaisys-chat · qwen2.5-coder:0.5b · 2 ranks · 8192-token context · /help for help, Ctrl-D to quit"
     assert session.messages[0] == {"role": "user", "content": "What is 2 + 2?"}
     assert "4" in session.messages[1]["content"]
     assert session.messages[1]["content"][:20] in printed

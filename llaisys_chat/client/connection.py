@@ -95,8 +95,7 @@ class ClusterClient:
         reason = self._ranks.down()
         if reason is not None:
             raise LlaisysError(f"the engines went down again as they restarted: {reason}")
-        if self._link is not None:  # the new rank 0 connects anew
-            self._link.drop_connection()
+        self._link_to_new_rank0()
         spec, self.spec = self.spec, None
         if spec is not None:
             self.load(**spec)
@@ -123,15 +122,30 @@ class ClusterClient:
         """The ranks, restarted (and the model reloaded) first if an engine is down: recovery
         needs no command, and conversations carry on from the messages they hold."""
         reason = self._ranks.down()
-        if reason is not None:
-            self._say(f"{reason}; restarting the engines and reloading the model...")
-            try:
-                self.restart()
-            except EnginesDown:
-                raise
-            except LlaisysError as e:
-                raise EnginesDown(f"{reason}, and the restart failed: {e}") from None
+        if reason is None:
+            return self._ranks
+        try:  # another client sharing the cluster may have restarted them already
+            self._ranks.refresh()
+            if self._ranks.down() is None:
+                self._link_to_new_rank0()
+                if self.spec is not None:
+                    self.load(**self.spec)  # loads only if the new engines hold something else
+                return self._ranks
+        except LlaisysError:
+            pass
+        self._say(f"{reason}; restarting the engines and reloading the model...")
+        try:
+            self.restart()
+        except EnginesDown:
+            raise
+        except LlaisysError as e:
+            raise EnginesDown(f"{reason}, and the restart failed: {e}") from None
         return self._ranks
+
+    def _link_to_new_rank0(self) -> None:
+        """Forget the old rank 0's connection: the new one connects anew."""
+        if self._link is not None:
+            self._link.drop_connection()
 
     def _stream_link(self) -> StreamLink:
         if self._link is None:

@@ -10,6 +10,7 @@ share the cluster, every rank runs their collective calls in the same order, so 
 in different collectives. (A direct view sends one message per engine, and two clients' messages
 could interleave differently at each.)
 """
+import contextlib
 import importlib
 import os
 import signal
@@ -21,6 +22,7 @@ from ..errors import EnginesDown, LlaisysError
 
 WORKER_MODULE = "llaisys_chat.engine.worker"
 POLL_SECONDS = 0.05  # how often a waiting client checks that the engines are alive
+REFRESH_SECONDS = 2.0  # how long a client waits for the engines another client may have restarted
 
 
 def call_worker(function: str, *args):
@@ -71,10 +73,10 @@ class EngineRanks:
     def check(self, call: "RankCall") -> None:
         """Raise if a rank's part of the call failed, or an engine is down: the other ranks may then be
         waiting in a collective for it, so this cannot wait for the whole call to end."""
-        call.raise_if_failed()
-        reason = self.down()
+        reason = self.down()  # first: it names the rank and process, where a failed call only says one died
         if reason is not None:
             raise EnginesDown(f"{reason}; the engines restart with the next request (or restart())")
+        call.raise_if_failed()
 
     def down(self) -> str | None:
         """Why the ranks cannot serve (an engine process died or is stopped, an engine or the
@@ -138,21 +140,30 @@ class EngineRanks:
         """Disconnect; stop the cluster too if it was started for these ranks."""
         self._client.close()
         if self._owned:
-            self._cluster.stop_cluster_sync()
             self._owned = False
+            # Whatever is left of it: its controller may have died, and the engines go all the same.
+            with contextlib.suppress(Exception):
+                self._cluster.stop_cluster_sync()
 
-    def _discover(self) -> list[dict]:
+    def refresh(self) -> None:
+        """Take the engines the controller has now (another client may have restarted them)."""
+        self.ranks = self._discover(timeout=REFRESH_SECONDS)
+
+    def _discover(self, timeout: float | None = None) -> list[dict]:
         """Wait for the engines and check that they are the ranks of one MPI communicator."""
+        timeout = timeout or self.timeout
         expected = sum(es.n for es in self._cluster.engines.values()) if self._cluster is not None else 0
         try:
-            self._client.wait_for_engines(expected or 1, timeout=self.timeout, interactive=False)
+            self._client.wait_for_engines(expected or 1, timeout=timeout, interactive=False)
         except TimeoutError:
-            raise LlaisysError(f"the cluster's engines did not register within {self.timeout:.0f} s") from None
+            raise LlaisysError(f"the cluster's engines did not register within {timeout:.0f} s") from None
         except Exception as e:  # an engine unregistered while waiting, the controller went away, ...
             raise LlaisysError(f"the cluster's engines are not ready ({type(e).__name__}: {e})") from None
         ids = sorted(self._client.ids)
-        try:
-            infos = self._client[ids].apply_sync(call_worker, "rank_info")
+        try:  # bounded: a registered engine may be stopped, and would never answer
+            infos = self._client[ids].apply_async(call_worker, "rank_info").get(timeout=timeout)
+        except TimeoutError:
+            raise LlaisysError(f"the cluster's engines did not answer within {timeout:.0f} s") from None
         except Exception as e:
             raise user_error(e) from None
         for engine_id, info in zip(ids, infos):
