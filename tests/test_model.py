@@ -114,3 +114,47 @@ def test_lru_caches_evict_and_reprefill(tiny_models):
     engine.generate(prompt, max_new_tokens=5, cache_key="c").run()  # evicts b, the least recently used
     again = engine.generate(prompt, max_new_tokens=5, cache_key="b").run()
     assert again.stats.cached_tokens == 0 and again.tokens == first.tokens
+
+
+
+@pytest.mark.parametrize("dtype", ["f32", "bf16"])
+def test_dropping_a_span_from_the_cache_turns_the_keys_after_it_back(tiny_models, dtype):
+    """The keys after the dropped span are turned back by RoPE to their new positions. With one layer
+    the cache is then what computing without the span gives; deeper layers' cached values still
+    carry what their tokens saw of the span (as llama.cpp's context shift and StreamingLLM keep them)."""
+    engine = Engine(tiny_models(**{**SHAPES[0], "layers": 1}, dtype=dtype))
+    kept, dropped, after, new = [5, 17, 200, 3], [3, 90, 41, 7, 255, 12], [60, 8, 99, 14, 2], [31, 77, 4]
+    cache = engine.model.new_cache(64)
+    engine.model.forward(cache, kept + dropped + after)
+    engine.model.drop_from_cache(cache, len(kept), len(kept) + len(dropped))
+    assert list(cache.tokens) == kept + after
+    got = engine.model.forward(cache, new, all_positions=True)
+    fresh = engine.model.new_cache(64)
+    engine.model.forward(fresh, kept + after)
+    expected = engine.model.forward(fresh, new, all_positions=True)
+    # A bf16 cache rounds the turned keys again: a few per cent of the logits' range on these random weights.
+    tolerance = 1e-4 if dtype == "f32" else 0.05 * np.abs(expected).max()
+    np.testing.assert_allclose(got, expected, rtol=0, atol=tolerance)
+
+
+def conversation_past_the_context(engine, turns=12):
+    """Replies to a growing conversation on one cache; the last reply is the first that both let
+    messages go and reused the cache after them."""
+    messages, replies = [{"role": "system", "content": "Keep this rule."}], []
+    for i in range(turns):
+        messages.append({"role": "user", "content": f"message {i} " + "words " * 8})
+        run = engine.reply(messages, max_new_tokens=8, cache_key="long").run()
+        messages.append({"role": "assistant", "content": run.text})
+        replies.append(run)
+        if run.stats.dropped_messages and run.stats.cached_tokens > 20:
+            return replies
+    pytest.fail("the conversation never outgrew the context with its cache reused")
+
+
+def test_a_conversation_past_the_context_reuses_the_cache_of_what_stays(tiny_models):
+    replies = conversation_past_the_context(Engine(tiny_models(**SHAPES[0]), max_context=160))
+    last = replies[-1]
+    assert last.prompt.startswith("<|im_start|>system\nKeep this rule.") and "message 0 " not in last.prompt
+    # The same turns on a fresh engine give the same tokens: trimming depends only on the conversation.
+    again = conversation_past_the_context(Engine(tiny_models(**SHAPES[0]), max_context=160), len(replies))
+    assert [r.tokens for r in again] == [r.tokens for r in replies]
