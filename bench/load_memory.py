@@ -49,13 +49,14 @@ def one_token(pythonpath: str | None) -> tuple[float, float]:
 
 
 def folder_peak(gguf: Path) -> int:
-    """Peak resident memory of preparing a GGUF's folder from scratch."""
-    code = ("import resource, sys\nfrom llaisys_chat.model.files import gguf_folder\ngguf_folder(__import__('pathlib').Path(sys.argv[1]))\n"
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
+    """Peak resident memory of preparing a GGUF's folder from scratch. Measured by /usr/bin/time, not
+    the child's own getrusage: a forked child starts from its parent's high-water mark, and this
+    process has held a whole random model."""
+    code = "import sys, pathlib\nfrom llaisys_chat.model.files import gguf_folder\ngguf_folder(pathlib.Path(sys.argv[1]))"
     with tempfile.TemporaryDirectory() as home:
-        out = subprocess.run([sys.executable, "-c", code, gguf], capture_output=True, text=True, check=True,
-                             env={**os.environ, "LLAISYS_HOME": home}).stdout
-    return int(out.strip().splitlines()[-1])
+        err = subprocess.run(["/usr/bin/time", "-f", "%M", sys.executable, "-c", code, gguf], capture_output=True,
+                             text=True, check=True, env={**os.environ, "LLAISYS_HOME": home}).stderr
+    return int(err.strip().splitlines()[-1]) * 1024
 
 
 def main():

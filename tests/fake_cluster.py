@@ -52,7 +52,7 @@ class ScriptedEngine:
 
     def info(self) -> dict:
         return {"model": "scripted", "rank": 0, "ranks": 1, "threads": 1, "weights": "bf16", "max_context": self.max_context,
-                "shard": {}, "weight_bytes": 0, "cache_bytes": 0, "rss_bytes": 0}
+                "shard": {}, "weight_bytes": 0, "cache_bytes": 0, "cache_slots": 4, "rss_bytes": 0}
 
     def drop_cache(self, key: str) -> None:
         self.dropped.append(key)

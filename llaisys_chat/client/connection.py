@@ -158,7 +158,7 @@ class ClusterClient:
         first, ranks = per_rank[0], self._ranks.ranks
         return {"model": self.spec["model"] if self.spec else first["model"], "folder": first["model"],
                 "ranks": self.n_ranks, "max_context": first["max_context"], "weights": first["weights"],
-                "threads_per_rank": first["threads"], "hosts": sorted({r["host"] for r in ranks}),
+                "threads_per_rank": first["threads"], "cache_slots": first["cache_slots"], "hosts": sorted({r["host"] for r in ranks}),
                 "per_rank": [{"rank": r["rank"], "host": r["host"], "pid": r["pid"], "rss_bytes": i["rss_bytes"],
                               "weight_bytes": i["weight_bytes"], "cache_bytes": i["cache_bytes"], "shard": i["shard"]}
                              for r, i in zip(ranks, per_rank)]}

@@ -87,13 +87,12 @@ class EngineRanks:
         controller_pid = getattr(controller, "pid", None)
         if controller_pid is not None and not pid_alive(controller_pid):
             return f"the cluster's controller (pid {controller_pid}) died"
-        for r in self.ranks:
-            if r["host"] == here:
-                state = process_state(r["pid"])
-                if state is None:
-                    return f"engine rank {r['rank']} (pid {r['pid']}) died"
-                if state in "Tt":
-                    return f"engine rank {r['rank']} (pid {r['pid']}) is stopped"
+        # Every one that is down: when one rank dies, mpiexec may end the others before this looks.
+        states = {id(r): process_state(r["pid"]) for r in self.ranks if r["host"] == here}
+        for what, down in (("died", lambda s: s is None), ("is stopped", lambda s: s is not None and s in "Tt")):
+            names = [f"engine rank {r['rank']} (pid {r['pid']})" for r in self.ranks if id(r) in states and down(states[id(r)])]
+            if names:
+                return f"{' and '.join(names)} {what if len(names) == 1 else what.replace('is', 'are')}"
         registered = set(self._client.ids)
         for r in self.ranks:
             if r["engine"] not in registered:
