@@ -33,14 +33,16 @@ def main():
     client = cluster.connect("demo", cluster_id=f"soak-{os.getpid()}", n=args.ranks, quiet=True, threads=1)
     try:
         started = time.monotonic()
-        run = soak(client, args.turns, args.sessions, max_new_tokens=args.max_new_tokens)
+        run = soak(client, args.turns, args.sessions, max_new_tokens=args.max_new_tokens, rss_every=25,
+                   report=lambda turn, rss: print(f"turn {turn}: {time.monotonic() - started:.0f} s, RSS MiB "
+                                                  f"{' '.join(f'{b / MiB:.0f}' for b in rss)}", flush=True))
         seconds = time.monotonic() - started
         slots = client.info()["cache_slots"]
     finally:
         client.close()
     same = fresh_replies(Engine("demo", threads=2), run, args.max_new_tokens)
     print(f"Machine: {machine()}; {args.ranks} ranks, {args.sessions} conversations on {slots} cache slots, "
-          f"{run.turns} turns ({run.stopped} stopped, {run.retried} retried, up to {args.max_new_tokens} new tokens "
+          f"{run.turns} turns ({run.stopped} stopped, {run.retried} retried, {run.resets} conversations started again, up to {args.max_new_tokens} new tokens "
           f"each) in {seconds:.0f} s")
     print(table(["after turn", *[f"rank {r} RSS MiB" for r in range(args.ranks)]],
                 [[turn, *[b / MiB for b in rss]] for turn, rss in run.rss]))

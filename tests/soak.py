@@ -17,6 +17,7 @@ class SoakRun:
     turns: int = 0
     stopped: int = 0
     retried: int = 0
+    resets: int = 0
     rss: list[tuple[int, list[int]]] = field(default_factory=list)   # (turn, resident bytes per rank)
     samples: list[tuple[list[dict], list[int]]] = field(default_factory=list)  # (messages, greedy reply ids)
 
@@ -26,15 +27,20 @@ def rss_per_rank(client) -> list[int]:
 
 
 def soak(client, turns: int, sessions: int, *, max_new_tokens: int = 24, sample_every: int = 10,
-         rss_every: int = 10, seed: int = 0) -> SoakRun:
+         rss_every: int = 10, seed: int = 0, exchanges: int = 8, report=lambda turn, rss: None) -> SoakRun:
     """Run `turns` turns over `sessions` conversations, in a shuffled order; every 7th turn is
-    stopped after a few pieces and every 11th retried."""
+    stopped after a few pieces and every 11th retried, and a conversation starts again after
+    `exchanges` exchanges (as users start new ones), so that the work, and with it the memory the
+    caches need, reaches a steady state. report(turn, rss) is called as memory is read."""
     rng = random.Random(seed)
     chats = [client.session(system=f"You are assistant {i}. Answer in one or two sentences.", temperature=0,
                             top_k=0, top_p=1.0, max_new_tokens=max_new_tokens) for i in range(sessions)]
     run = SoakRun(rss=[(0, rss_per_rank(client))])
     for turn in range(1, turns + 1):
         chat = rng.choice(chats)
+        if len(chat.messages) >= 2 * exchanges:
+            chat.reset()
+            run.resets += 1
         message = f"Turn {turn}: what is {rng.choice(TOPICS)}?"
         if turn % 7 == 0:
             stream = chat.send(message, stream=True)
@@ -52,6 +58,7 @@ def soak(client, turns: int, sessions: int, *, max_new_tokens: int = 24, sample_
         run.turns = turn
         if turn % rss_every == 0:
             run.rss.append((turn, rss_per_rank(client)))
+            report(*run.rss[-1])
     return run
 
 
