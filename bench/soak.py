@@ -1,7 +1,8 @@
 """Soak: 200 chat turns over several conversations on a local two-engine MPI cluster, with more
-conversations than the engines keep caches for (evictions), every 7th reply stopped part-way and
-every 11th retried (tests/soak.py drives it). Prints each rank's resident memory along the way and
-how many sampled greedy replies equal a fresh single-process engine's reply to the same messages.
+conversations than the engines keep caches for (evictions), every 7th reply stopped part-way, every
+11th retried, and conversations started again after 8 exchanges (tests/soak.py drives it). Prints
+each rank's resident memory along the way and how many sampled greedy replies equal a fresh
+single-process engine's reply to the same messages.
 
     .venv/bin/python bench/soak.py [--turns 200] [--sessions 6] [--ranks 2]
 """
