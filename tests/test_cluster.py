@@ -90,12 +90,12 @@ def test_stop_mid_reply_keeps_the_partial_reply_and_the_next_turn_works(chat):
 
 def test_ctrl_c_in_the_client_stops_every_rank(chat):
     session = chat.session(temperature=0)
-    timer = threading.Timer(1.0, lambda: os.kill(os.getpid(), signal.SIGINT))
+    timer = threading.Timer(3.0, lambda: os.kill(os.getpid(), signal.SIGINT))  # well into the reply, even on a busy machine
     timer.start()
     started = time.monotonic()
     with pytest.raises(KeyboardInterrupt):
         session.send(LONG, max_new_tokens=2000)
-    assert time.monotonic() - started < 10
+    assert time.monotonic() - started < 13
     assert session.messages[-1]["role"] == "assistant" and session.last_reply.stats.finish_reason == "interrupted"
     assert session.send("Thanks!", max_new_tokens=10).text
 

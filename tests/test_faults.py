@@ -166,22 +166,19 @@ def test_kernel_says_so_and_the_next_cell_carries_on(client, tmp_path):
         del os.environ["JUPYTER_PATH"]
 
 
-def test_a_cluster_the_client_started_recovers_too(tmp_path):
-    os.environ["IPYTHONDIR"], previous = str(tmp_path), os.environ.get("IPYTHONDIR")
+def test_a_cluster_the_client_started_recovers_too(tmp_path, monkeypatch):
+    monkeypatch.setenv("IPYTHONDIR", str(tmp_path))
+    own = cluster.connect("demo", n=2, cluster_id="recovering", quiet=True)
     try:
-        own = cluster.connect("demo", n=2, cluster_id="recovering", quiet=True)
-        try:
-            os.kill(rank_pid(own), signal.SIGKILL)
-            time.sleep(1)
-            assert own.generate("Say yes.", max_new_tokens=4).text
-        finally:
-            own.close()
+        os.kill(rank_pid(own), signal.SIGKILL)
+        time.sleep(1)
+        assert own.generate("Say yes.", max_new_tokens=4).text
     finally:
-        os.environ["IPYTHONDIR"] = previous
+        own.close()
 
 
-def test_a_dead_controller_is_a_clear_error(tmp_path):
-    os.environ["IPYTHONDIR"], previous = str(tmp_path), os.environ.get("IPYTHONDIR")
+def test_a_dead_controller_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("IPYTHONDIR", str(tmp_path))
     try:
         own = cluster.connect("demo", n=2, cluster_id="headless", quiet=True)
         os.kill(ipp.Cluster.from_file(profile="default", cluster_id="headless").controller.pid, signal.SIGKILL)
@@ -191,7 +188,6 @@ def test_a_dead_controller_is_a_clear_error(tmp_path):
         assert time.monotonic() - started < 10
         own.close()
     finally:
-        os.environ["IPYTHONDIR"] = previous
         kill_processes_of(tmp_path)  # the dead controller's schedulers outlive it
 
 

@@ -140,3 +140,22 @@ def test_message_lists(raw):
 def test_saved_conversations(raw):
     session = Session(client=None)
     outcome(session.restore, raw)
+
+
+def test_a_layer_count_in_the_billions_is_an_error_not_an_allocation(tiny_gguf, tiny_folder, tmp_path):
+    """Found by the GGUF fuzz run (one byte of block_count changed: the weight table of 400 million
+    layers took 23 GB before anything was checked)."""
+    data = bytearray(tiny_gguf.read_bytes())
+    key = b"qwen2.block_count"
+    at = data.index(key) + len(key) + 4  # after the key: the value's type (u32), then the value
+    data[at:at + 4] = struct.pack("<I", 400_000_000)
+    hostile = tmp_path / "hostile.gguf"
+    hostile.write_bytes(bytes(data))
+    with pytest.raises(LlaisysError, match="400000000 layers"):
+        Engine(hostile, threads=1, max_context=32)
+    folder = tmp_path / "folder"
+    shutil.copytree(tiny_folder, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 10**12}))
+    with pytest.raises(LlaisysError, match="no tensor"):
+        Engine(folder, threads=1, max_context=32)

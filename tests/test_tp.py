@@ -70,7 +70,7 @@ def test_shards_reassemble_to_the_full_weights(tiny_models, layout, n):
             assert np.array_equal(np.concatenate([rows[k] for k in sorted(rows)]), full), weight.hf_name
         else:
             assert np.array_equal(np.concatenate(parts, axis=split_.axis), full), weight.hf_name
-    assert len(weights) == len(model_weights(config))  # tiny checkpoints hold every tensor, biases too
+    assert len(weights) == len(list(model_weights(config)))  # tiny checkpoints hold every tensor, biases too
     # Every query head reads a key/value head its rank holds.
     group = config.num_attention_heads // config.num_key_value_heads
     for p in plans:

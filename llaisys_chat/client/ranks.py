@@ -22,7 +22,8 @@ from ..errors import EnginesDown, LlaisysError
 
 WORKER_MODULE = "llaisys_chat.engine.worker"
 POLL_SECONDS = 0.05  # how often a waiting client checks that the engines are alive
-REFRESH_SECONDS = 2.0  # how long a client waits for the engines another client may have restarted
+REFRESH_SECONDS = 2.0
+CONTROLLER_GONE = "stop what is left of the cluster (ipcluster stop) and connect again, which starts a new one"  # how long a client waits for the engines another client may have restarted
 
 
 def call_worker(function: str, *args):
@@ -75,7 +76,9 @@ class EngineRanks:
         waiting in a collective for it, so this cannot wait for the whole call to end."""
         reason = self.down()  # first: it names the rank and process, where a failed call only says one died
         if reason is not None:
-            raise EnginesDown(f"{reason}; the engines restart with the next request (or restart())")
+            way_back = (CONTROLLER_GONE if self._controller_died() else
+                        "the engines restart with the next request (or restart())")
+            raise EnginesDown(f"{reason}; {way_back}")
         call.raise_if_failed()
 
     def down(self) -> str | None:
@@ -83,10 +86,8 @@ class EngineRanks:
         controller left), or None. Engines on this machine are watched directly, others through the
         controller's heartbeat."""
         here = socket.gethostname()
-        controller = getattr(self._cluster, "controller", None)
-        controller_pid = getattr(controller, "pid", None)
-        if controller_pid is not None and not pid_alive(controller_pid):
-            return f"the cluster's controller (pid {controller_pid}) died"
+        if self._controller_died():
+            return f"the cluster's controller (pid {self._cluster.controller.pid}) died"
         # Every one that is down: when one rank dies, mpiexec may end the others before this looks.
         states = {id(r): process_state(r["pid"]) for r in self.ranks if r["host"] == here}
         for what, down in (("died", lambda s: s is None), ("is stopped", lambda s: s is not None and s in "Tt")):
@@ -108,10 +109,8 @@ class EngineRanks:
         if self._cluster is None:
             raise LlaisysError("the engines need a restart, and a bare connection file cannot do it: restart the "
                                "cluster (ipcluster stop; ipcluster start --engines=MPI -n N), then connect again")
-        controller_pid = getattr(getattr(self._cluster, "controller", None), "pid", None)
-        if controller_pid is not None and not pid_alive(controller_pid):
-            raise LlaisysError(f"the cluster's controller (pid {controller_pid}) died: stop what is left of the cluster "
-                               f"(ipcluster stop) and connect again, which starts a new one")
+        if self._controller_died():
+            raise LlaisysError(f"the cluster's controller (pid {self._cluster.controller.pid}) died; {CONTROLLER_GONE}")
         old_pids = {r["pid"] for r in self.ranks}
         here = socket.gethostname()
         for r in self.ranks:  # a stopped or hung engine would hold up its launcher's shutdown
@@ -143,6 +142,11 @@ class EngineRanks:
             # Whatever is left of it: its controller may have died, and the engines go all the same.
             with contextlib.suppress(Exception):
                 self._cluster.stop_cluster_sync()
+
+    def _controller_died(self) -> bool:
+        """Whether the controller of a cluster with a known controller process has died."""
+        pid = getattr(getattr(self._cluster, "controller", None), "pid", None)
+        return pid is not None and not pid_alive(pid)
 
     def refresh(self) -> None:
         """Take the engines the controller has now (another client may have restarted them)."""

@@ -48,6 +48,8 @@ class _Metadata:
 
 def _check_names(names, config: ModelConfig, path: Path) -> None:
     """Every tensor of the file is one the weight table knows."""
+    if config.num_hidden_layers > len(names):  # every layer has tensors: this bounds the table built below
+        raise LlaisysError(f"{path}: {config.num_hidden_layers} layers in the metadata, but only {len(names)} tensors")
     known = {w.gguf_name for w in model_weights(config)}
     for name in names:
         if name not in known:

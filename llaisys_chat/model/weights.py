@@ -4,6 +4,7 @@ as a function of the config, the native model's field for it, and how tensor par
 Checkpoint checking, the shard plan, GGUF conversion, the native model's weights and the tests all
 read this table; nothing else spells out a tensor name.
 """
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Callable
 
@@ -105,9 +106,11 @@ class Weight:
         return self.spec.shape(config)
 
 
-def model_weights(config: ModelConfig) -> list[Weight]:
-    """Every tensor of a Qwen2 model of this config: the global ones, then layer by layer."""
+def model_weights(config: ModelConfig) -> Iterator[Weight]:
+    """Every tensor of a Qwen2 model of this config: the global ones, then layer by layer. Lazily:
+    a hostile config may claim billions of layers, and checks stop at the first missing tensor."""
     heads = (EMBED_TOKENS, FINAL_NORM) if config.tie_word_embeddings else (EMBED_TOKENS, FINAL_NORM, LM_HEAD)
-    layers = [Weight(spec, i) for i in range(config.num_hidden_layers) for spec in LAYER_WEIGHTS]
-    return [Weight(spec) for spec in heads] + layers
+    yield from (Weight(spec) for spec in heads)
+    for i in range(config.num_hidden_layers):
+        yield from (Weight(spec, i) for spec in LAYER_WEIGHTS)
 
