@@ -31,6 +31,14 @@ def tiny_models(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def ipython_shell():
+    """The one IPython shell of the test session (IPython's start_ipython() gives it only once)."""
+    from IPython.testing.globalipapp import start_ipython
+
+    return start_ipython()
+
+
+@pytest.fixture(scope="session")
 def running_cluster(tmp_path_factory):
     """One real two-engine MPI cluster (ipcluster) for the whole session; yields its profile folder."""
     with ipcluster(tmp_path_factory.mktemp("ipython"), n=2) as profile:

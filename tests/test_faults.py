@@ -119,12 +119,11 @@ def test_repl_says_so_in_one_line_and_carries_on(client, running_cluster):
     assert child.exitstatus == 0
 
 
-def test_magic_says_so_and_the_next_cell_carries_on(client):
+def test_magic_says_so_and_the_next_cell_carries_on(client, ipython_shell):
     from IPython.core.error import UsageError
-    from IPython.testing.globalipapp import start_ipython
     from IPython.utils.capture import capture_output
 
-    ip = start_ipython()
+    ip = ipython_shell
     ip.run_line_magic("load_ext", "llaisys_chat")
     with capture_output():
         ip.run_line_magic("llaisys", "connect")

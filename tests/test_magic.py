@@ -2,7 +2,6 @@
 import pytest
 from conftest import iopub_until_idle, shell_reply
 from IPython.core.error import UsageError
-from IPython.testing.globalipapp import start_ipython
 from IPython.utils.capture import capture_output
 
 from llaisys_chat.frontends.magic import expand
@@ -10,8 +9,8 @@ from llaisys_chat.protocol.messages import reply_markdown
 
 
 @pytest.fixture(scope="module")
-def ip(running_cluster):
-    shell = start_ipython()
+def ip(running_cluster, ipython_shell):
+    shell = ipython_shell
     shell.run_line_magic("load_ext", "llaisys_chat")
     shell.run_line_magic("llaisys", "connect")
     yield shell
