@@ -30,6 +30,25 @@ def tiny_models(tmp_path_factory):
     return make
 
 
+@contextlib.contextmanager
+def terminal_repl():
+    """`llaisys-chat` (greedy) in a 120x40 pseudo-terminal; leaving the block, Ctrl-D at the prompt
+    must end it with status 0."""
+    import pexpect
+
+    chat = Path(sys.executable).parent / "llaisys-chat"
+    child = pexpect.spawn(str(chat), ["--temperature", "0", "--max-tokens", "600"], encoding="utf-8", timeout=120,
+                          dimensions=(40, 120), env={**os.environ, "TERM": "xterm-256color"})
+    try:
+        yield child
+        child.expect(">>> ")
+        child.sendeof()
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0
+
+
 @pytest.fixture(scope="session")
 def ipython_shell():
     """The one IPython shell of the test session (IPython's start_ipython() gives it only once)."""

@@ -10,9 +10,8 @@ import time
 from pathlib import Path
 
 import ipyparallel as ipp
-import pexpect
 import pytest
-from conftest import iopub_until_idle, shell_reply
+from conftest import iopub_until_idle, shell_reply, terminal_repl
 
 from llaisys_chat import cluster
 from llaisys_chat.errors import EnginesDown, LlaisysError
@@ -96,9 +95,7 @@ def test_a_stopped_rank_is_found_and_replaced(client):
 
 
 def test_repl_says_so_in_one_line_and_carries_on(client, running_cluster):
-    child = pexpect.spawn(str(CHAT), ["--temperature", "0", "--max-tokens", "600"], encoding="utf-8", timeout=120,
-                          dimensions=(40, 120), env={**os.environ, "TERM": "xterm-256color"})
-    try:
+    with terminal_repl() as child:
         child.expect(">>> ")
         child.sendline("My name is Ada. Say hello in one short sentence.")
         child.expect(">>> ")
@@ -111,12 +108,6 @@ def test_repl_says_so_in_one_line_and_carries_on(client, running_cluster):
         child.sendline("What is my name? One word.")
         child.expect("restarting the engines")
         child.expect("Ada", timeout=120)
-        child.expect(">>> ")
-        child.sendeof()
-        child.expect(pexpect.EOF)
-    finally:
-        child.close(force=True)
-    assert child.exitstatus == 0
 
 
 def test_magic_says_so_and_the_next_cell_carries_on(client, ipython_shell):

@@ -6,8 +6,8 @@ import time
 from io import StringIO
 from pathlib import Path
 
-import pexpect
 import pytest
+from conftest import terminal_repl
 from prompt_toolkit.document import Document
 from prompt_toolkit.history import InMemoryHistory
 from prompt_toolkit.input import create_pipe_input
@@ -149,9 +149,7 @@ def test_a_short_chat_with_the_1_5b_built_in(tmp_path):
 
 def test_real_terminal_session(running_cluster):
     """Type in a pseudo-terminal: a reply streams in, Ctrl-C stops a long one, a follow-up works, Ctrl-D quits."""
-    child = pexpect.spawn(str(CHAT), ["--temperature", "0", "--max-tokens", "600"], encoding="utf-8", timeout=120,
-                          dimensions=(40, 120), env={**__import__("os").environ, "TERM": "xterm-256color"})
-    try:
+    with terminal_repl() as child:
         child.expect("Ctrl-D to quit")
         child.expect(">>> ")
         child.sendline("What is the capital of France?")
@@ -165,12 +163,6 @@ def test_real_terminal_session(running_cluster):
         child.expect(">>> ")
         child.sendline("What was my first question? Answer briefly.")
         child.expect("capital")
-        child.expect(">>> ")
-        child.sendeof()
-        child.expect(pexpect.EOF)
-    finally:
-        child.close(force=True)
-    assert child.exitstatus == 0
 
 
 def test_replies_of_templates_that_open_reasoning_render_as_reasoning():

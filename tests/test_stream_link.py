@@ -22,6 +22,16 @@ def listener(request):
     link.close()
 
 
+def rank0_sends(listener, request_id: str, text: str) -> None:
+    """Rank 0 connects with the listener's token, and a piece it sends reaches the client."""
+    rank0 = ClientLink()
+    assert rank0.open(listener.address, listener.token)
+    listener.wait_for_rank0(5, check=lambda: None)
+    rank0.send(piece_message(request_id, text))
+    assert receive_all(listener, 1)[0]["text"] == text
+    rank0.close()
+
+
 def test_a_connection_without_the_token_is_closed(listener):
     for first in (hello_message("wrong"), {"id": "r1", "text": "spoofed", "time": 0}, None):
         stranger = socket.socket(socket.AF_UNIX if listener.address.startswith("unix") else socket.AF_INET)
@@ -35,12 +45,7 @@ def test_a_connection_without_the_token_is_closed(listener):
             listener.wait_for_rank0(0.5, check=lambda: None)
         assert stranger.recv(16) == b""  # closed by the client
         stranger.close()
-    rank0 = ClientLink()
-    assert rank0.open(listener.address, listener.token)
-    listener.wait_for_rank0(5, check=lambda: None)
-    rank0.send(piece_message("r1", "genuine"))
-    assert receive_all(listener, 1)[0]["text"] == "genuine"
-    rank0.close()
+    rank0_sends(listener, "r1", "genuine")
 
 
 def test_the_unix_socket_sits_in_a_folder_only_its_owner_can_enter():
@@ -99,12 +104,7 @@ def test_rank0_reconnects_after_its_connection_closed(listener):
     listener.wait_for_rank0(5, check=lambda: None)
     first.close()
     assert listener.receive(1) is None
-    second = ClientLink()
-    assert second.open(listener.address, listener.token)
-    listener.wait_for_rank0(5, check=lambda: None)
-    second.send(piece_message("r2", "again"))
-    assert receive_all(listener, 1)[0]["text"] == "again"
-    second.close()
+    rank0_sends(listener, "r2", "again")  # a new connection
 
 
 def test_waiting_for_rank0_gives_up_and_reports(listener):
