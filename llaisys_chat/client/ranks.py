@@ -22,8 +22,10 @@ from ..errors import EnginesDown, LlaisysError
 
 WORKER_MODULE = "llaisys_chat.engine.worker"
 POLL_SECONDS = 0.05  # how often a waiting client checks that the engines are alive
-REFRESH_SECONDS = 2.0
-CONTROLLER_GONE = "stop what is left of the cluster (ipcluster stop) and connect again, which starts a new one"  # how long a client waits for the engines another client may have restarted
+REFRESH_SECONDS = 2.0  # how long a client waits for the engines another client may have restarted
+# What the user can do: after an engine went down, and after the controller did.
+RESTARTS_NEXT = "the engines restart with the next request (or restart())"
+CONTROLLER_GONE = "stop what is left of the cluster (ipcluster stop) and connect again, which starts a new one"
 
 
 def call_worker(function: str, *args):
@@ -76,9 +78,7 @@ class EngineRanks:
         waiting in a collective for it, so this cannot wait for the whole call to end."""
         reason = self.down()  # first: it names the rank and process, where a failed call only says one died
         if reason is not None:
-            way_back = (CONTROLLER_GONE if self._controller_died() else
-                        "the engines restart with the next request (or restart())")
-            raise EnginesDown(f"{reason}; {way_back}")
+            raise EnginesDown(f"{reason}; {CONTROLLER_GONE if self._controller_died() else RESTARTS_NEXT}")
         call.raise_if_failed()
 
     def down(self) -> str | None:
@@ -89,11 +89,13 @@ class EngineRanks:
         if self._controller_died():
             return f"the cluster's controller (pid {self._cluster.controller.pid}) died"
         # Every one that is down: when one rank dies, mpiexec may end the others before this looks.
-        states = {id(r): process_state(r["pid"]) for r in self.ranks if r["host"] == here}
-        for what, down in (("died", lambda s: s is None), ("is stopped", lambda s: s is not None and s in "Tt")):
-            names = [f"engine rank {r['rank']} (pid {r['pid']})" for r in self.ranks if id(r) in states and down(states[id(r)])]
-            if names:
-                return f"{' and '.join(names)} {what if len(names) == 1 else what.replace('is', 'are')}"
+        local = [(r, process_state(r["pid"])) for r in self.ranks if r["host"] == here]
+        dead = [r for r, state in local if state is None]
+        if dead:
+            return f"{_named(dead)} died"
+        stopped = [r for r, state in local if state is not None and state in "Tt"]
+        if stopped:
+            return f"{_named(stopped)} {'is' if len(stopped) == 1 else 'are'} stopped"
         registered = set(self._client.ids)
         for r in self.ranks:
             if r["engine"] not in registered:
@@ -229,6 +231,10 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def _named(ranks: list[dict]) -> str:
+    return " and ".join(f"engine rank {r['rank']} (pid {r['pid']})" for r in ranks)
+
+
 def process_state(pid: int) -> str | None:
     """A local process's state letter (R, S, T for stopped, ...), or None if it no longer exists."""
     try:
@@ -249,11 +255,11 @@ def user_error(e: BaseException) -> LlaisysError:
     elif isinstance(e, RemoteError):
         ename, evalue = e.ename, e.evalue
     elif isinstance(e, EngineError):
-        return EnginesDown(f"an engine died ({e}); the engines restart with the next request (or restart())")
+        return EnginesDown(f"an engine died ({e}); {RESTARTS_NEXT}")
     else:
         return LlaisysError(f"{type(e).__name__}: {e}")
     if ename == "LlaisysError":
         return LlaisysError(str(evalue))
     if ename == "EngineError":
-        return EnginesDown(f"an engine died ({evalue}); the engines restart with the next request (or restart())")
+        return EnginesDown(f"an engine died ({evalue}); {RESTARTS_NEXT}")
     return LlaisysError(f"engine error: {ename}: {evalue}")
