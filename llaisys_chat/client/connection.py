@@ -10,7 +10,7 @@ import socket
 from ..errors import EnginesDown, LlaisysError
 from ..model.files import resolve_model
 from ..protocol.messages import build_messages
-from ..protocol.request import CONTEXT_POLICIES, MAX_NEW_TOKENS, ReplyRequest
+from ..protocol.request import MAX_NEW_TOKENS, ReplyRequest, check_context_policy
 from ..protocol.sampling import SamplingParams
 from .reply_stream import ReplyStream
 from .stream_link import StreamLink
@@ -58,8 +58,7 @@ class ClusterClient:
         that yields text pieces as the engines produce them. Defaults are greedy. context="trim" lets
         the oldest messages go when the conversation outgrows the context (stats.dropped_messages
         says how many); "error" refuses it."""
-        if context not in CONTEXT_POLICIES:
-            raise LlaisysError(f"context must be {' or '.join(CONTEXT_POLICIES)}, not {context!r}")
+        check_context_policy(context)
         if isinstance(prompt_or_messages, str):
             messages = build_messages(prompt_or_messages, system)
         else:

@@ -10,7 +10,7 @@ from pathlib import Path
 from ..errors import EnginesDown, LlaisysError
 from ..protocol.messages import validate_messages, visible_reply
 from ..protocol.reply import Reply
-from ..protocol.request import CONTEXT_POLICIES
+from ..protocol.request import check_context_policy
 from ..protocol.sampling import SamplingParams
 
 FORMAT_VERSION = 1
@@ -82,8 +82,7 @@ class Session:
         SamplingParams(**{k: merged[k] for k in ("temperature", "top_k", "top_p", "seed") if k in merged})
         if "max_new_tokens" in merged and not (isinstance(merged["max_new_tokens"], int) and merged["max_new_tokens"] > 0):
             raise LlaisysError(f"max_new_tokens must be a positive whole number, not {merged['max_new_tokens']!r}")
-        if merged.get("context", "trim") not in CONTEXT_POLICIES:
-            raise LlaisysError(f"context must be {' or '.join(CONTEXT_POLICIES)}, not {merged['context']!r}")
+        check_context_policy(merged.get("context", "trim"))
         self.sampling = merged
 
     def state(self) -> dict:

@@ -2,6 +2,7 @@
 import uuid
 from dataclasses import dataclass, field
 
+from ..errors import LlaisysError
 from .sampling import SamplingParams
 
 MAX_NEW_TOKENS = 512  # a reply's length limit unless the caller sets one
@@ -10,6 +11,12 @@ WEIGHT_TYPES = ("auto", "bf16", "f32", "q8_0", "q4_0")
 # What happens when a conversation outgrows the context: its oldest messages go (never the system
 # prompt; whole messages, so that the chat template stays whole), or the request fails.
 CONTEXT_POLICIES = ("trim", "error")
+
+
+def check_context_policy(policy) -> None:
+    """Raise a one-line LlaisysError unless `policy` is one of CONTEXT_POLICIES."""
+    if policy not in CONTEXT_POLICIES:
+        raise LlaisysError(f"context must be {' or '.join(CONTEXT_POLICIES)}, not {policy!r}")
 
 
 @dataclass(frozen=True)
