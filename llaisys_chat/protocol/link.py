@@ -6,6 +6,7 @@ does not), then text pieces of replies, the moment they exist, each reply's end.
 Client -> rank 0: a request to stop a reply, read between decode steps.
 """
 import json
+import secrets
 import select
 import socket
 import time
@@ -69,8 +70,10 @@ class Link:
         while True:
             messages = self.receive(max(0.0, deadline - time.monotonic()))
             if messages:
-                self._queued = messages[1:]
-                return messages[0].get("hello") == token
+                self._queued, first = messages[1:], messages[0]
+                presented = first.get("hello") if isinstance(first, dict) else None
+                # compare_digest: the time taken tells a stranger nothing about the token.
+                return isinstance(presented, str) and secrets.compare_digest(presented, token)
             if messages is None or time.monotonic() >= deadline:
                 return False
 
