@@ -164,22 +164,30 @@ Lhs prepare_lhs(const Tensor& x, const PackedWeight& w) {
     if (need_bf16) bf16.assign(rows * lhs.ld_bf16, Bf16Lhs{0});
     if (need_f32) f32.resize(rows * n_in);
     if (need_blocks) blocks.resize(rows * lhs.ld_blocks);
-    std::vector<float> scratch;
-    for (int64_t m = 0; m < rows; ++m) {
-        const float* xr = row_f32(x, m, scratch);
-        if (need_bf16) {
-            Bf16Lhs* dst = bf16.data() + m * lhs.ld_bf16;
-            for (int64_t k = 0; k < n_in; ++k) {
-                if constexpr (std::is_same_v<Bf16Lhs, uint16_t>) dst[k] = f32_to_bf16(xr[k]);
-                else dst[k] = bf16_to_f32(f32_to_bf16(xr[k]));
+    // The buffers are this (the calling) thread's: the row loop below writes them through pointers.
+    Bf16Lhs* bf16_rows = bf16.data();
+    float* f32_rows = f32.data();
+    quant::ActivationBlock* block_rows = blocks.data();
+#pragma omp parallel if (rows >= kParallelRows)
+    {
+        std::vector<float> scratch;
+#pragma omp for schedule(static)
+        for (int64_t m = 0; m < rows; ++m) {
+            const float* xr = row_f32(x, m, scratch);
+            if (need_bf16) {
+                Bf16Lhs* dst = bf16_rows + m * lhs.ld_bf16;
+                for (int64_t k = 0; k < n_in; ++k) {
+                    if constexpr (std::is_same_v<Bf16Lhs, uint16_t>) dst[k] = f32_to_bf16(xr[k]);
+                    else dst[k] = bf16_to_f32(f32_to_bf16(xr[k]));
+                }
             }
+            if (need_f32) std::memcpy(f32_rows + m * n_in, xr, n_in * sizeof(float));
+            if (need_blocks) quant::quantize_activations(xr, block_rows + m * lhs.ld_blocks, n_in);
         }
-        if (need_f32) std::memcpy(f32.data() + m * n_in, xr, n_in * sizeof(float));
-        if (need_blocks) quant::quantize_activations(xr, blocks.data() + m * lhs.ld_blocks, n_in);
     }
-    lhs.bf16 = bf16.data();
-    lhs.f32 = f32.data();
-    lhs.blocks = blocks.data();
+    lhs.bf16 = bf16_rows;
+    lhs.f32 = f32_rows;
+    lhs.blocks = block_rows;
     return lhs;
 }
 
@@ -328,7 +336,9 @@ void from_fixed(Tensor& out, const Tensor& in) {
     LLAISYS_CHECK(out.is_contiguous() && in.is_contiguous() && out.numel() == in.numel(), "from_fixed: shapes differ");
     const int64_t* src = in.data<int64_t>();
     float* dst = out.data<float>();
-    for (int64_t i = 0; i < in.numel(); ++i) dst[i] = static_cast<float>(static_cast<double>(src[i]) / kFixedOne);
+    const int64_t n = in.numel();
+#pragma omp parallel for schedule(static) if (n >= kParallelRows * 1024)
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(static_cast<double>(src[i]) / kFixedOne);
 }
 
 }  // namespace llaisys::ops

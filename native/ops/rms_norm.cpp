@@ -11,16 +11,22 @@ void rms_norm(Tensor& out, const Tensor& x, const Tensor& weight, float eps) {
     check_rows(out, dim, "rms_norm out");
     LLAISYS_CHECK(weight.ndim() == 1 && weight.size(0) == dim && weight.is_contiguous(), "rms_norm: weight must be [dim]");
     LLAISYS_CHECK(n_rows(out) == n_rows(x), "rms_norm: out and x differ in rows");
-    std::vector<float> w_scratch, x_scratch, y(dim);
+    std::vector<float> w_scratch;
     Tensor w2 = weight.view({1, dim});
     const float* w = row_f32(w2, 0, w_scratch);
-    for (int64_t r = 0; r < n_rows(x); ++r) {
-        const float* xr = row_f32(x, r, x_scratch);
-        float sum_sq = 0.0f;
-        for (int64_t i = 0; i < dim; ++i) sum_sq += xr[i] * xr[i];
-        float inv_rms = 1.0f / std::sqrt(sum_sq / static_cast<float>(dim) + eps);
-        for (int64_t i = 0; i < dim; ++i) y[i] = xr[i] * inv_rms * w[i];
-        store_row(out, r, y.data());
+    const int64_t rows = n_rows(x);
+#pragma omp parallel if (rows >= kParallelRows)
+    {
+        std::vector<float> x_scratch, y(dim);
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; ++r) {
+            const float* xr = row_f32(x, r, x_scratch);
+            float sum_sq = 0.0f;
+            for (int64_t i = 0; i < dim; ++i) sum_sq += xr[i] * xr[i];
+            float inv_rms = 1.0f / std::sqrt(sum_sq / static_cast<float>(dim) + eps);
+            for (int64_t i = 0; i < dim; ++i) y[i] = xr[i] * inv_rms * w[i];
+            store_row(out, r, y.data());
+        }
     }
 }
 

@@ -8,6 +8,10 @@
 
 namespace llaisys::ops {
 
+// Row counts from which the per-row ops split their rows over threads (one decode row is too
+// little work to wake them).
+constexpr int64_t kParallelRows = 4;
+
 inline int64_t n_rows(const Tensor& t) {
     int64_t rows = 1;
     for (int64_t d = 0; d + 1 < t.ndim(); ++d) rows *= t.shape[d];
@@ -50,12 +54,19 @@ void elementwise(Tensor& out, const Tensor& a, const Tensor& b, const char* name
     check_rows(a, dim, name);
     check_rows(b, dim, name);
     LLAISYS_CHECK(n_rows(a) == n_rows(out) && n_rows(b) == n_rows(out), std::string(name) + ": row counts differ");
-    std::vector<float> as, bs, y(dim);
-    for (int64_t r = 0; r < n_rows(out); ++r) {
-        const float* ar = row_f32(a, r, as);
-        const float* br = row_f32(b, r, bs);
-        for (int64_t i = 0; i < dim; ++i) y[i] = f(ar[i], br[i]);
-        store_row(out, r, y.data());
+    // Rows split over the threads in prefill: run serially, these ops held the other threads
+    // waiting at the next matrix product. Each element is computed alone, so the split changes nothing.
+    const int64_t rows = n_rows(out);
+#pragma omp parallel if (rows >= kParallelRows)
+    {
+        std::vector<float> as, bs, y(dim);
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; ++r) {
+            const float* ar = row_f32(a, r, as);
+            const float* br = row_f32(b, r, bs);
+            for (int64_t i = 0; i < dim; ++i) y[i] = f(ar[i], br[i]);
+            store_row(out, r, y.data());
+        }
     }
 }
 
