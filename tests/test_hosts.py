@@ -1,0 +1,151 @@
+"""The cluster over several hosts: ranks on their own network stacks (tests/virtual_hosts.py), the
+controller and the client on a third, everything between them over TCP. Each front end takes a turn
+from the client host; tokens equal one host's; Ctrl-C stops every rank at the same step; a host that
+goes away mid-reply gives a clear error while the conversation keeps what was read."""
+import json
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from virtual_hosts import VirtualHosts, unavailable
+
+from llaisys_chat.engine import Engine
+from llaisys_chat.generate import generate
+
+BIN = Path(sys.executable).parent
+PROMPT = "Write a short poem about message passing."
+LONG = "Write a very long, detailed essay about the history of parallel computing."
+
+if (why := unavailable()) is not None:
+    pytest.skip(why, allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def hosts(tmp_path_factory, demo_folder):
+    """Two engine hosts of one rank each, and the cluster's controller and client on a third.
+    Yields (hosts, the environment of the client host's commands)."""
+    with VirtualHosts(engine_hosts=2) as vh, vh.ipcluster(tmp_path_factory.mktemp("ipython"), ranks=2) as env:
+        yield vh, env
+
+
+def on_client(hosts, code: str, timeout: float = 300) -> dict:
+    """Run Python code on the client host; it prints one JSON object last, which is returned."""
+    vh, env = hosts
+    done = subprocess.run(vh.client.command([sys.executable, "-c", textwrap.dedent(code)], env), capture_output=True,
+                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_ranks_run_on_their_hosts_and_give_one_host_tokens(hosts, demo_folder):
+    got = on_client(hosts, f"""
+        import json, socket
+        from llaisys_chat import cluster
+        c = cluster.connect("demo", quiet=True)
+        greedy = c.generate({PROMPT!r}, max_new_tokens=24)
+        sampled = c.generate({PROMPT!r}, max_new_tokens=16, temperature=0.8, top_k=20, seed=9)
+        print(json.dumps({{"here": socket.gethostname(), "hosts": [r["host"] for r in c.info()["per_rank"]],
+                          "greedy": greedy.new_ids, "sampled": sampled.new_ids}}))
+    """)
+    assert got["here"] == "client" and got["hosts"] == ["node1", "node2"]
+    engine = Engine(demo_folder, threads=2)
+    assert got["greedy"] == generate(PROMPT, engine=engine, max_new_tokens=24).new_ids
+    assert got["sampled"] == generate(PROMPT, engine=engine, max_new_tokens=16, temperature=0.8, top_k=20,
+                                      seed=9).new_ids
+
+
+def test_a_repl_turn(hosts):
+    import pexpect
+
+    vh, env = hosts
+    cmd = vh.client.command([BIN / "llaisys-chat", "--temperature", "0", "--max-tokens", "40"],
+                            {**env, "TERM": "xterm-256color"})
+    child = pexpect.spawn(cmd[0], cmd[1:], encoding="utf-8", timeout=120, dimensions=(40, 120))
+    try:
+        child.expect(">>> ")
+        child.sendline("What is the capital of France? Answer in one word.")
+        child.expect("Paris")
+        child.expect(">>> ")
+        child.sendeof()
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0
+
+
+def test_a_magic_cell(hosts):
+    got = on_client(hosts, """
+        import json
+        from IPython.testing.globalipapp import start_ipython
+        from IPython.utils.capture import capture_output
+        ip = start_ipython()
+        ip.run_line_magic("load_ext", "llaisys_chat")
+        with capture_output() as out:
+            ip.run_cell_magic("llaisys", "--temperature 0 --max-tokens 20 --out answer",
+                              "What is the capital of France? Answer in one word.")
+        print(json.dumps({"printed": out.stdout, "text": ip.user_ns["answer"].text}))
+    """)
+    assert "Paris" in got["text"] and got["printed"].strip() == got["text"].strip()
+
+
+def test_ctrl_c_stops_every_rank_at_the_same_step(hosts, demo_folder):
+    got = on_client(hosts, f"""
+        import json, os, signal, threading
+        from llaisys_chat import cluster
+        c = cluster.connect("demo", quiet=True)
+        session = c.session(temperature=0)
+        threading.Timer(3.0, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+        try:
+            session.send({LONG!r}, max_new_tokens=2000)
+        except KeyboardInterrupt:
+            pass
+        stopped = session.last_reply.stats
+        after = c.generate({PROMPT!r}, max_new_tokens=16)
+        print(json.dumps({{"finish": stopped.finish_reason, "new": stopped.new_tokens, "after": after.new_ids}}))
+    """)
+    assert got["finish"] == "interrupted" and 0 < got["new"] < 2000
+    # A rank that had left at another step would hold another cache, or wait in a collective forever.
+    assert got["after"] == generate(PROMPT, engine=Engine(demo_folder, threads=2), max_new_tokens=16).new_ids
+
+
+def test_a_host_that_goes_away_mid_reply_is_named_and_the_reply_so_far_kept(hosts):
+    """Last in this module: the cluster does not survive it."""
+    vh, env = hosts
+    code = f"""
+        import json, sys
+        from llaisys_chat import cluster
+        c = cluster.connect("demo", quiet=True)
+        session = c.session(temperature=0, max_new_tokens=2000)
+        read = []
+        try:
+            for piece in session.send({LONG!r}, stream=True):
+                read.append(piece)
+                print(json.dumps({{"piece": piece}}), flush=True)
+        except Exception as e:
+            print(json.dumps({{"error": f"{{type(e).__name__}}: {{e}}", "kept": session.messages[-1]["content"] == "".join(read),
+                              "read": len(read)}}), flush=True)
+    """
+    child = subprocess.Popen(vh.client.command([sys.executable, "-u", "-c", textwrap.dedent(code)], env),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    try:
+        pieces, cut_at, last = 0, None, None
+        for line in child.stdout:
+            last = json.loads(line)
+            if "piece" in last:
+                pieces += 1
+                if pieces == 5:
+                    vh.cut(vh.nodes[1])
+                    cut_at = time.monotonic()
+            else:
+                break
+        assert cut_at is not None, child.stderr.read()[-3000:]
+        assert "error" in last, "the reply went on after the host went away"
+        assert time.monotonic() - cut_at < 20
+        assert last["error"].startswith("EnginesDown: engine rank 1 on node2 stopped answering the controller")
+        assert last["kept"] and last["read"] >= 5
+    finally:
+        child.kill()
+        child.wait()
