@@ -10,7 +10,13 @@ import time
 from pathlib import Path
 
 import pytest
-from virtual_hosts import VirtualHosts, unavailable
+from virtual_hosts import (
+    CONTROLLER_PORTS,
+    DAEMON_PORTS,
+    MPI_PORTS,
+    VirtualHosts,
+    unavailable,
+)
 
 from llaisys_chat.engine import Engine
 from llaisys_chat.generate import generate
@@ -55,6 +61,19 @@ def test_ranks_run_on_their_hosts_and_give_one_host_tokens(hosts, demo_folder):
     assert got["greedy"] == generate(PROMPT, engine=engine, max_new_tokens=24).new_ids
     assert got["sampled"] == generate(PROMPT, engine=engine, max_new_tokens=16, temperature=0.8, top_k=20,
                                       seed=9).new_ids
+
+
+def test_hosts_connect_only_to_the_ports_the_readme_fixes(hosts):
+    """What a firewall between the hosts must let through: every connection between them goes to the
+    controller's ports or the daemons' one port on the head node, or to the MPI or daemon ports of an
+    engine host (the engines listen on nothing)."""
+    vh, _ = hosts
+    listening = {vh.client.address: {*CONTROLLER_PORTS, *DAEMON_PORTS}}
+    listening.update({node.address: {*MPI_PORTS, *DAEMON_PORTS} for node in vh.nodes})
+    seen = [c for node in vh.nodes for c in vh.connections(node)]
+    assert {peer for _, _, peer, _ in seen} >= {vh.client.address}
+    for address, port, peer, peer_port in seen:
+        assert port in listening[address] or peer_port in listening[peer], (address, port, peer, peer_port)
 
 
 def test_a_repl_turn(hosts):

@@ -28,6 +28,10 @@ from pathlib import Path
 
 SUBNET = "10.231.0"  # private, and seen only inside the namespaces: every harness has its own bridge
 PREFIX = "llaisys-vh"
+# The ports that the README's set-up for several machines fixes, so that a firewall can let them through.
+CONTROLLER_PORTS = range(10101, 10131)  # ipcontroller (it needs at least 16)
+MPI_PORTS = range(10200, 10300)         # the ranks' TCP transport
+DAEMON_PORTS = range(10300, 10301)      # mpiexec's daemons: one port, the same on every host
 NETNS_ETC = Path("/etc/netns")
 
 
@@ -127,7 +131,9 @@ exec ip netns exec "$ns" unshare --uts taskset -c "$cpus" env -i PATH=/usr/local
         (measured: 8 ms per 7 KB all-reduce, against 0.17 ms when they yield). Separate machines
         handle their packets in their own interrupts and need no such setting."""
         return ["--hostfile", str(self.folder / "hostfile"), "--prtemca", "plm_ssh_agent", str(self.folder / "agent"),
-                "--prtemca", "plm_ssh_no_tree_spawn", "1", "--mca", "mpi_yield_when_idle", "1"]
+                "--prtemca", "plm_ssh_no_tree_spawn", "1", "--mca", "mpi_yield_when_idle", "1",
+                "--mca", "btl_tcp_port_min_v4", str(MPI_PORTS.start), "--mca", "btl_tcp_port_range_v4", str(len(MPI_PORTS)),
+                "--prtemca", "oob_tcp_static_ipv4_ports", str(DAEMON_PORTS.start)]
 
     @contextlib.contextmanager
     def ipcluster(self, ipython_dir: Path, ranks: int):
@@ -137,8 +143,10 @@ exec ip netns exec "$ns" unshare --uts taskset -c "$cpus" env -i PATH=/usr/local
         bin_dir = Path(sys.executable).parent
         profile = ipython_dir / "profile_default"
         profile.mkdir(parents=True, exist_ok=True)
-        (profile / "ipcontroller_config.py").write_text(f"c.IPController.ip = {self.client.address!r}\n"
-                                                        "c.HeartMonitor.period = 500\n")
+        (profile / "ipcontroller_config.py").write_text(
+            f"c.IPController.ip = {self.client.address!r}\n"
+            f"c.IPController.ports = list(range({CONTROLLER_PORTS.start}, {CONTROLLER_PORTS.stop}))\n"
+            "c.HeartMonitor.period = 500\n")
         # The engines find the controller's connection file through IPYTHONDIR, which mpiexec must pass
         # on (-x): a host's commands start with a fresh environment, as over ssh.
         (profile / "ipcluster_config.py").write_text(
@@ -151,6 +159,16 @@ exec ip netns exec "$ns" unshare --uts taskset -c "$cpus" env -i PATH=/usr/local
             yield env
         finally:
             subprocess.run(self.client.command([bin_dir / "ipcluster", "stop"], env), capture_output=True, timeout=60)
+
+    def connections(self, host: Host) -> list[tuple[str, int, str, int]]:
+        """The host's established TCP connections to other hosts: (address, port, peer address, peer port)."""
+        out = _run(["ip", "netns", "exec", host.netns, "ss", "-Htn", "state", "established"]).stdout
+        found = []
+        for line in out.splitlines():
+            (address, port), (peer, peer_port) = (end.rsplit(":", 1) for end in line.split()[2:4])
+            if not address.startswith(("127.", "[::1]")):
+                found.append((address, int(port), peer, int(peer_port)))
+        return found
 
     def cut(self, host: Host) -> None:
         """Take the host's link down: its packets go nowhere, and nobody is told."""

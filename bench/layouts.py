@@ -1,0 +1,70 @@
+"""Decode speed of every layout of a machine's cores: ranks x threads per rank, for each weight type.
+
+For each type, rounds alternate over the layouts (ranks = each power of two up to the cores, threads =
+cores / ranks, each rank bound to its own cores) running bench/mpi_decode.py under mpiexec: greedy
+decode of --tokens tokens after a ~140-token prompt, with the exact reduction. Prints medians (prefill
+and decode) and each layout's decode ratio to the best.
+
+    python bench/layouts.py MODEL [--cores 16] [--weights bf16 q8_0 q4_0] [--tokens 64] [--rounds 2]
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+from common import machine, table  # noqa: E402
+
+# About 140 tokens with the chat template: the reply's prefill stands for llama-bench's pp128.
+PROMPT = "Write a long, detailed essay about the history of parallel computing. " + "Context: parallel " * 60
+
+
+def decode(model: str, ranks: int, threads: int, weights: str, tokens: int) -> dict:
+    """One run: prefill and decode tokens/s, and rank 0's resident memory."""
+    mpiexec = Path(sys.executable).parent / "mpiexec"
+    cmd = [str(mpiexec) if mpiexec.exists() else "mpiexec", "-n", str(ranks), "--map-by", f"slot:PE={threads}",
+           "--bind-to", "core", sys.executable, str(HERE / "mpi_decode.py"), model, PROMPT, str(tokens), "1", "exact",
+           str(threads), weights]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL,
+                          env={**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"})
+    if done.returncode != 0:
+        raise SystemExit(f"{ranks} x {threads} {weights} failed:\n{done.stderr[-3000:]}")
+    reply = json.loads(done.stdout.strip().splitlines()[-1])
+    return {"tok_s": reply["decode_tokens_per_s"], "prefill": reply["prompt_tokens"] / reply["prefill_seconds"],
+            "prompt": reply["prompt_tokens"], "rss": reply["ranks"][0]["rss_bytes"] / 2**20}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("model")
+    p.add_argument("--cores", type=int, default=len(os.sched_getaffinity(0)))
+    p.add_argument("--weights", nargs="+", default=["bf16", "q8_0", "q4_0"])
+    p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=2)
+    args = p.parse_args()
+    layouts = [(r, args.cores // r) for r in (1, 2, 4, 8, 16, 32, 64) if r <= args.cores]
+    rows = []
+    for weights in args.weights:
+        runs = {layout: [] for layout in layouts}
+        for _ in range(args.rounds):
+            for ranks, threads in layouts:  # one rank first: it fills the load-time quantization cache
+                runs[(ranks, threads)].append(decode(args.model, ranks, threads, weights, args.tokens))
+                print(weights, ranks, threads, runs[(ranks, threads)][-1], flush=True)
+        speeds = {layout: statistics.median(r["tok_s"] for r in results) for layout, results in runs.items()}
+        best = max(speeds.values())
+        for (ranks, threads), results in runs.items():
+            rows.append([weights, ranks, threads, speeds[(ranks, threads)], speeds[(ranks, threads)] / best,
+                         statistics.median(r["prefill"] for r in results), results[0]["prompt"],
+                         statistics.median(r["rss"] for r in results)])
+    print(f"\nMachine: {machine()}; model {args.model}; exact reduction; greedy decode of {args.tokens} tokens; "
+          f"medians of {args.rounds} rounds")
+    print(table(["weights", "ranks", "threads per rank", "decode tok/s", "vs best layout", "prefill tok/s",
+                 "prompt tokens", "rank 0 RSS MiB"], rows))
+
+
+if __name__ == "__main__":
+    main()
