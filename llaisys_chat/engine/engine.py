@@ -7,6 +7,7 @@ model's all-reduce hook and in `choose_token`, which every rank enters at every 
 import dataclasses
 import os
 import random
+import socket
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -36,14 +37,15 @@ class Engine:
     def __init__(self, model="demo", *, group=None, threads: int | None = None, max_context: int | None = None,
                  weights: str = "auto", reduction: str = "exact", cache_slots: int = 4):
         self.group = group or SingleProcess()
+        self.threads = threads or default_threads(self.group)  # collective: before anything can fail
         error = None
         try:
-            self._load(model, threads, max_context, weights, reduction, cache_slots)
+            self._load(model, max_context, weights, reduction, cache_slots)
         except Exception as e:  # whatever failed here, every rank must hear of it or the others wait forever
             error = e
         raise_if_any_failed(self.group, error)
 
-    def _load(self, model, threads, max_context, weights, reduction, cache_slots):
+    def _load(self, model, max_context, weights, reduction, cache_slots):
         if reduction not in ("exact", "fast"):
             raise LlaisysError(f"reduction must be exact or fast, not {reduction!r}")
         self.folder = resolve_model(model)
@@ -55,7 +57,6 @@ class Engine:
         head_unit, ffn_unit = column_units(checkpoint, self.config, types)
         self.plan = ShardPlan.for_rank(self.config, self.group.rank, self.group.size, head_unit, ffn_unit)
         self.weights = "+".join(sorted({t for w, t in types.items() if len(w.shape(self.config)) == 2}))
-        self.threads = threads or default_threads(self.group)
         options = _native.Qwen2Options(cache=getattr(_native.DType, cache_type(types).upper()), threads=self.threads,
                                        reduction=getattr(_native.Reduction, reduction.upper()),
                                        ffn_block=self.plan.ffn_block)
@@ -259,10 +260,13 @@ def native_config(config: ModelConfig) -> "_native.Qwen2Config":
 
 
 def default_threads(group) -> int:
-    """This machine's cores shared among the ranks running on it."""
-    cores = len(os.sched_getaffinity(0))
-    local_ranks = int(os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE") or os.environ.get("MPI_LOCALNRANKS") or group.size)
-    return max(1, cores // max(1, local_ranks))
+    """The cores this rank may run on, shared with the ranks of this machine that may run on them too:
+    mpiexec binds each rank to its own cores (`--map-by slot:PE=T` gives T), or binds none, and then
+    the ranks of a machine share all its cores. (Collective: every rank calls it.)"""
+    mine = frozenset(os.sched_getaffinity(0))
+    everyone = group.allgather((socket.gethostname(), mine))
+    sharing = sum(1 for host, cores in everyone if host == socket.gethostname() and cores & mine)
+    return max(1, len(mine) // sharing)
 
 
 def resident_bytes() -> int:

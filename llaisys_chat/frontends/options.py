@@ -30,7 +30,7 @@ def add_cluster_options(parser) -> None:
     where.add_argument("--profile", help="ipyparallel profile of the cluster (default: 'default')")
     where.add_argument("--cluster-id", help="ipyparallel cluster id (default: none)")
     parser.add_argument("-n", type=int, metavar="N",
-                        help="MPI engines to start when no cluster runs (default: one per core)")
+                        help="MPI engines to start when no cluster runs, the cores split among them (default: engines of up to 8 cores, at least 2)")
 
 
 _CLUSTER_FLAGS = {"model": "--model", "weights": "--weights", "profile": "--profile", "cluster_id": "--cluster-id",

@@ -1,0 +1,44 @@
+"""How a machine's cores are split: the layout a started cluster chooses, and the threads each rank
+then runs, found from the cores mpiexec bound it to (real mpiexec)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from llaisys_chat.client.launch import layout
+
+THREADS_OF_EACH_RANK = """
+import json, sys
+from llaisys_chat.engine.collectives import default_group
+from llaisys_chat.engine.engine import default_threads
+group = default_group()
+found = group.allgather(default_threads(group))
+if group.rank == 0:
+    print(json.dumps(found))
+"""
+
+
+@pytest.mark.parametrize("cores, asked, expected", [
+    (1, None, (1, 1)), (2, None, (2, 1)), (4, None, (2, 2)), (16, None, (2, 8)), (24, None, (3, 8)),
+    (64, None, (8, 8)), (16, 4, (4, 4)), (16, 16, (16, 1)), (2, 4, (4, 1)),
+])
+def test_the_cores_are_split_among_the_engines(cores, asked, expected):
+    assert layout(cores, asked) == expected
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores")
+@pytest.mark.parametrize("placement, expected", [
+    (["-n", "1", "--map-by", "slot:PE=2", "--bind-to", "core"], [2]),  # one rank bound to both cores
+    (["-n", "2", "--bind-to", "core"], [1, 1]),                         # a core each
+    (["-n", "2", "--bind-to", "none"], [1, 1]),                         # both cores, shared by two
+    (["-n", "1", "--bind-to", "none"], [2]),
+])
+def test_each_rank_runs_as_many_threads_as_it_has_cores_of_its_own(placement, expected):
+    mpiexec = Path(sys.executable).parent / "mpiexec"
+    done = subprocess.run([str(mpiexec), *placement, sys.executable, "-c", THREADS_OF_EACH_RANK], capture_output=True,
+                          text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == expected
