@@ -34,8 +34,8 @@ def connect(model: str | None = "demo", profile: str | None = None, cluster_id: 
     """Connect to the running cluster (or start a local one) and make sure `model` is loaded.
 
     profile / cluster_id / connection_file pick the cluster (default: ipcluster's default profile).
-    With no cluster running and start=True, one is started with `n` MPI engines (default: one per
-    core) and stopped when this client closes. model=None keeps whatever model the engines hold
+    With no cluster running and start=True, one is started with `n` MPI engines (default: the
+    layout of client/launch.py, which splits the cores among them) and stopped when this client closes. model=None keeps whatever model the engines hold
     ('demo' if none). engine_options (weights, threads, max_context, reduction, cache_slots) go to
     each rank's Engine.
     """

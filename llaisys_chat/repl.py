@@ -200,7 +200,8 @@ def parser() -> argparse.ArgumentParser:
     """The command line."""
     p = argparse.ArgumentParser(prog="llaisys-chat", description="Chat with a model split over MPI ranks.",
                                 epilog="`llaisys-chat models` lists the built-in models; `llaisys-chat kernel install` "
-                                       "installs the Jupyter chat kernel.")
+                                       "installs the Jupyter chat kernel; `llaisys-chat serve` serves the model "
+                                       "over an OpenAI-compatible HTTP API.")
     add_version_option(p)
     add_cluster_options(p)
     p.add_argument("--system", help="system prompt (default: the model's own)")
@@ -214,6 +215,9 @@ def main(argv=None) -> int:
     if argv[:1] == ["kernel"]:
         from .frontends.kernel.install import main as kernel_main
         return kernel_main(argv[1:])
+    if argv[:1] == ["serve"]:
+        from .frontends.serve import main as serve_main
+        return serve_main(argv[1:])
     if argv[:1] == ["models"]:
         from .frontends.models import main as models_main
         return models_main(argv[1:])

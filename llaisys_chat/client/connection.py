@@ -77,6 +77,10 @@ class ClusterClient:
         """Free a conversation's cache on the engines."""
         self._on_ranks("drop_session", key)
 
+    def down(self) -> str | None:
+        """Why the engines cannot serve now (one died, stopped or left), or None; restarts nothing."""
+        return self._ranks.down()
+
     def info(self) -> dict:
         """Model, ranks, context size and per-rank memory."""
         return self._summary(self._on_ranks("info"))

@@ -24,7 +24,7 @@ def open_ranks(profile: str | None = None, cluster_id: str | None = None, n: int
             raise LlaisysError(f"no cluster is running for profile {profile or 'default'!r}")
         cores = len(os.sched_getaffinity(0))
         ranks, threads = layout(cores, n)
-        say(f"no cluster running; starting one of {ranks} MPI engines x {threads} threads on this machine's "
+        say(f"no cluster running; starting one of {ranks} MPI engines x {threads} thread{'s' if threads > 1 else ''} on this machine's "
             f"{cores} cores" + ("" if n else " (-n N chooses the engines)"))
         cluster, owned = _start_cluster(profile, cluster_id, ranks, threads, timeout), True
     try:

@@ -221,14 +221,9 @@ class RankCall:
 
 
 def pid_alive(pid: int) -> bool:
-    """Whether a process of this machine still exists."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    """Whether a process of this machine still runs: a zombie (dead, not yet reaped by a parent that
+    is gone too, as where no init reaps orphans) does not."""
+    return process_state(pid) is not None
 
 
 def _named(ranks: list[dict]) -> str:
@@ -236,12 +231,18 @@ def _named(ranks: list[dict]) -> str:
 
 
 def process_state(pid: int) -> str | None:
-    """A local process's state letter (R, S, T for stopped, ...), or None if it no longer exists."""
+    """A local process's state letter (R, S, T for stopped, ...), or None if it has ended."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None if not pid_alive(pid) else "?"
-    return stat.rpartition(")")[2].split()[0]
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:  # gone, or no /proc: ask the kernel whether the pid exists
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass
+        return "?"
+    return None if state in "ZX" else state
 
 
 def user_error(e: BaseException) -> LlaisysError:
