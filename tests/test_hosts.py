@@ -168,3 +168,28 @@ def test_a_host_that_goes_away_mid_reply_is_named_and_the_reply_so_far_kept(host
     finally:
         child.kill()
         child.wait()
+
+
+def test_a_host_without_the_model_gets_its_slice_over_mpi_and_keeps_it(tmp_path, demo_folder):
+    """node2 has an empty home: no model files, no cache. It receives only its half of the weights
+    from rank 0, keeps them, and new engines load them again without a transfer."""
+    generate_on_client = f"""
+        import json
+        from llaisys_chat import cluster
+        c = cluster.connect("demo", quiet=True)
+        if RESTART:
+            c.restart()  # new engines, which load the model again
+        print(json.dumps({{"tokens": c.generate({PROMPT!r}, max_new_tokens=16).new_ids}}))
+    """
+    with VirtualHosts(engine_hosts=2, without_files=("node2",)) as vh, vh.ipcluster(tmp_path / "ipython", ranks=2) as env:
+        first = on_client((vh, env), "RESTART = False\n" + textwrap.dedent(generate_on_client))["tokens"]
+        kept = list((vh.home("node2") / ".cache" / "llaisys-chat" / "slices").iterdir())
+        assert len(kept) == 1 and (kept[0] / "slices.json").exists()
+        held = sum(f.stat().st_size for f in kept[0].glob("*.npy"))
+        written = (kept[0] / "slices.json").stat().st_mtime_ns
+        again = on_client((vh, env), "RESTART = True\n" + textwrap.dedent(generate_on_client))["tokens"]
+        assert list(kept[0].parent.iterdir()) == kept and (kept[0] / "slices.json").stat().st_mtime_ns == written
+    gguf = (demo_folder / "model.gguf").resolve().stat().st_size
+    assert 0.35 * gguf < held < 0.65 * gguf  # its half, not the whole model
+    expected = generate(PROMPT, engine=Engine(demo_folder, threads=2), max_new_tokens=16).new_ids
+    assert first == expected and again == expected

@@ -16,6 +16,7 @@ then the namespaces (and with them their links) and their /etc/netns folders are
 this process's id; leftovers of a process that is gone are removed on the next start.
 """
 import contextlib
+import itertools
 import json
 import os
 import re
@@ -33,6 +34,7 @@ CONTROLLER_PORTS = range(10101, 10131)  # ipcontroller (it needs at least 16)
 MPI_PORTS = range(10200, 10300)         # the ranks' TCP transport
 DAEMON_PORTS = range(10300, 10301)      # mpiexec's daemons: one port, the same on every host
 NETNS_ETC = Path("/etc/netns")
+_made = itertools.count()
 
 
 def unavailable() -> str | None:
@@ -67,9 +69,11 @@ class Host:
 class VirtualHosts:
     """A client host (`client`) and engine_hosts engine hosts (`node1`, ...) on one bridge."""
 
-    def __init__(self, engine_hosts: int, slots: int = 1):
-        self.slots = slots
-        tag = f"{PREFIX}-{os.getpid()}"
+    def __init__(self, engine_hosts: int, slots: int = 1, without_files: tuple[str, ...] = ()):
+        """without_files: engine hosts (e.g. "node2") whose commands get an empty home folder of their
+        own, so that they hold no model files and cache nothing where the others look."""
+        self.slots, self.without_files = slots, without_files
+        tag = f"{PREFIX}-{os.getpid()}-{next(_made)}"  # several harnesses may live at once in one process
         names = ["client"] + [f"node{i}" for i in range(1, engine_hosts + 1)]
         self.all = [Host(name, f"{SUBNET}.{10 + i}", f"{tag}-{name}", f"port{i}") for i, name in enumerate(names)]
         self.client, self.nodes = self.all[0], self.all[1:]
@@ -109,7 +113,11 @@ class VirtualHosts:
         cores = sorted(os.sched_getaffinity(0))
         cpus = {h.name: str(cores[i % len(cores)]) for i, h in enumerate(self.nodes)}
         cpus[self.client.name] = ",".join(map(str, cores))
-        cases = "".join(f"    {h.name}) ns={h.netns}; cpus={cpus[h.name]} ;;\n" for h in self.all)
+        homes = {h.name: '"$HOME"' for h in self.all}
+        for name in self.without_files:
+            (self.folder / f"home-{name}").mkdir()
+            homes[name] = str(self.folder / f"home-{name}")
+        cases = "".join(f"    {h.name}) ns={h.netns}; cpus={cpus[h.name]}; home={homes[h.name]} ;;\n" for h in self.all)
         agent = self.folder / "agent"
         agent.write_text(f"""#!/bin/sh
 # Open MPI's launch agent for the virtual hosts: "agent HOST COMMAND" runs COMMAND on HOST the way
@@ -118,10 +126,14 @@ host=$1; shift
 case $host in
 {cases}    *) echo "agent: unknown host $host" >&2; exit 255 ;;
 esac
-exec ip netns exec "$ns" unshare --uts taskset -c "$cpus" env -i PATH=/usr/local/bin:/usr/bin:/bin HOME="$HOME" \\
+exec ip netns exec "$ns" unshare --uts taskset -c "$cpus" env -i PATH=/usr/local/bin:/usr/bin:/bin HOME="$home" \\
     sh -c 'hostname "$0" && exec sh -c "$1"' "$host" "$*"
 """)
         agent.chmod(0o755)
+
+    def home(self, name: str) -> Path:
+        """The home folder of a host made without files."""
+        return self.folder / f"home-{name}"
 
     def mpi_args(self) -> list[str]:
         """mpiexec's arguments that place ranks on the engine hosts through the agent.

@@ -11,6 +11,7 @@ from ..errors import LlaisysError
 
 # Environment variables that MPI launchers (Open MPI, MPICH/Hydra, PMIx) set in every rank.
 _MPI_LAUNCH_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")
+_TRANSFER_TAG = 7
 
 
 class SingleProcess:
@@ -77,6 +78,23 @@ class MPIGroup(SingleProcess):
 
     def bcast(self, obj):
         return self.comm.bcast(obj, root=0)
+
+    # Point to point, for moving model slices to ranks that lack the files (model_transfer.py).
+    def send(self, obj, dest: int) -> None:
+        """A small Python object to one rank."""
+        self.comm.send(obj, dest=dest, tag=_TRANSFER_TAG)
+
+    def recv(self, source: int):
+        return self.comm.recv(source=source, tag=_TRANSFER_TAG)
+
+    def send_array(self, array: np.ndarray, dest: int) -> None:
+        """A contiguous array's bytes to one rank (no pickling, no copy)."""
+        self.comm.Send([array.reshape(-1).view(np.uint8), self._mpi.BYTE], dest=dest, tag=_TRANSFER_TAG)
+
+    def recv_array(self, out: np.ndarray, source: int) -> np.ndarray:
+        """Into `out`, which has the sent array's shape and type."""
+        self.comm.Recv([out.reshape(-1).view(np.uint8), self._mpi.BYTE], source=source, tag=_TRANSFER_TAG)
+        return out
 
 
 def _mpi_allreduce_address() -> int:

@@ -17,14 +17,14 @@ import numpy as np
 from .. import _native
 from ..errors import LlaisysError
 from ..model.chat_format import ChatFormat
-from ..model.checkpoint import Checkpoint
 from ..model.config import ModelConfig
-from ..model.files import resolve_model
+from ..model.sliced import open_checkpoint
 from ..protocol.messages import partial_suffix
 from ..protocol.reply import GenerationStats
 from ..protocol.sampling import SamplingParams
 from .collectives import SingleProcess, raise_if_any_failed
 from .loading import cache_type, column_units, load_weights, packed_types
+from .model_transfer import share_model
 from .sampling import STOP, choose_token
 from .shard_plan import ShardPlan
 
@@ -48,10 +48,10 @@ class Engine:
     def _load(self, model, max_context, weights, reduction, cache_slots):
         if reduction not in ("exact", "fast"):
             raise LlaisysError(f"reduction must be exact or fast, not {reduction!r}")
-        self.folder = resolve_model(model)
+        self.folder = share_model(self.group, model, weights)
         self.config = ModelConfig.from_file(self.folder / "config.json")
         self.chat = ChatFormat(self.folder)
-        checkpoint = Checkpoint(self.folder)
+        checkpoint = open_checkpoint(self.folder)
         checkpoint.check_shapes(self.config)
         types = packed_types(checkpoint, self.config, weights)
         head_unit, ffn_unit = column_units(checkpoint, self.config, types)

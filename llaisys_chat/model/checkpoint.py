@@ -93,6 +93,14 @@ class Checkpoint:
         """The stored tensor of one weight."""
         return self._tensors[self._name(weight)]
 
+    def header(self, weight: Weight) -> StoredTensor:
+        """The whole tensor, for its type and shape (as a sliced folder gives them too)."""
+        return self.tensor(weight)
+
+    def rank_slice(self, weight: Weight, shard: dict, slicer) -> StoredTensor:
+        """This rank's slice of a weight: slicer(weight, tensor) cuts it (a sliced folder has it cut)."""
+        return slicer(weight, self.tensor(weight))
+
     def check_shapes(self, config: ModelConfig) -> None:
         """Raise LlaisysError naming the first tensor that is missing or has the wrong shape."""
         for weight in model_weights(config):
