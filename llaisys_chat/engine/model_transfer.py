@@ -5,8 +5,8 @@ only that rank's own slice of every weight, over MPI. The receiver keeps its sli
 
 What a rank holds is named by a fingerprint: the sha256 of its files, remembered per file size and
 time in the cache so that a model is hashed once. Steps, all ranks together:
-1. everyone's fingerprint (None without the files); the lowest rank with one is the source, and
-   ranks whose fingerprint differs receive;
+1. everyone's fingerprint (None without the files); if all asked for the same model, the lowest
+   rank with one is the source, and ranks whose fingerprint differs receive;
 2. the source sends each receiver the manifest: the small files and every tensor's type and shape;
 3. each receiver works out its shard from it, and answers whether its cache already holds the slices;
 4. the source sends the slices that are missing, tensor by tensor, each rank only its own.
@@ -74,9 +74,9 @@ def share_model(group, model, weights: str) -> Path:
         held = fingerprint(folder) if folder is not None else None
     except Exception:
         folder = held = None
-    everyone = group.allgather(held)
+    asked, everyone = zip(*group.allgather((str(model), held)))
     source = next((r for r, fp in enumerate(everyone) if fp is not None), None)
-    if source is None:
+    if source is None or len(set(asked)) > 1:  # nothing to share, or not one model: each finds its own
         return resolve_model(model)
     reference = everyone[source]
     receivers = [r for r, fp in enumerate(everyone) if fp != reference]
