@@ -31,14 +31,16 @@ def tiny_models(tmp_path_factory):
 
 
 @contextlib.contextmanager
-def terminal_repl():
-    """`llaisys-chat` (greedy) in a 120x40 pseudo-terminal; leaving the block, Ctrl-D at the prompt
-    must end it with status 0."""
+def terminal_repl(on_host=None):
+    """`llaisys-chat` (greedy) in a 120x40 pseudo-terminal (on a virtual host: on_host is its
+    command()); leaving the block, Ctrl-D at the prompt must end it with status 0."""
     import pexpect
 
-    chat = Path(sys.executable).parent / "llaisys-chat"
-    child = pexpect.spawn(str(chat), ["--temperature", "0", "--max-tokens", "600"], encoding="utf-8", timeout=120,
-                          dimensions=(40, 120), env={**os.environ, "TERM": "xterm-256color"})
+    argv = [str(Path(sys.executable).parent / "llaisys-chat"), "--temperature", "0", "--max-tokens", "600"]
+    env = {**os.environ, "TERM": "xterm-256color"}
+    if on_host is not None:
+        argv = on_host(argv, env)
+    child = pexpect.spawn(argv[0], argv[1:], encoding="utf-8", timeout=120, dimensions=(40, 120), env=env)
     try:
         yield child
         child.expect(">>> ")

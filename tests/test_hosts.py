@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import terminal_repl
 from virtual_hosts import (
     CONTROLLER_PORTS,
     DAEMON_PORTS,
@@ -77,22 +78,11 @@ def test_hosts_connect_only_to_the_ports_the_readme_fixes(hosts):
 
 
 def test_a_repl_turn(hosts):
-    import pexpect
-
     vh, env = hosts
-    cmd = vh.client.command([BIN / "llaisys-chat", "--temperature", "0", "--max-tokens", "40"],
-                            {**env, "TERM": "xterm-256color"})
-    child = pexpect.spawn(cmd[0], cmd[1:], encoding="utf-8", timeout=120, dimensions=(40, 120))
-    try:
+    with terminal_repl(on_host=lambda argv, own: vh.client.command(argv, {**env, "TERM": own["TERM"]})) as child:
         child.expect(">>> ")
         child.sendline("What is the capital of France? Answer in one word.")
         child.expect("Paris")
-        child.expect(">>> ")
-        child.sendeof()
-        child.expect(pexpect.EOF)
-    finally:
-        child.close(force=True)
-    assert child.exitstatus == 0
 
 
 def test_a_magic_cell(hosts):
