@@ -58,8 +58,11 @@ def fingerprint(folder: Path) -> str:
         with open(p, "rb") as f:
             while chunk := f.read(1 << 24):
                 digest.update(chunk)
-    memo.parent.mkdir(parents=True, exist_ok=True)
-    memo.write_text(digest.hexdigest())
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        memo.write_text(digest.hexdigest())
+    except OSError:  # a read-only cache: hashed again next time
+        pass
     return digest.hexdigest()
 
 
@@ -91,13 +94,18 @@ def share_model(group, model, weights: str) -> Path:
 
 
 def _send(group, folder: Path, reference: str, receivers: list[int], weights: str) -> None:
-    checkpoint = Checkpoint(folder)
-    config = ModelConfig.from_file(folder / "config.json")
-    small = {p.name: p.read_bytes() for p in folder.iterdir()
-             if p.is_file() and p.suffix not in _WEIGHT_SUFFIXES and p.stat().st_size <= SMALL_FILE_BYTES}
-    headers = {(w.gguf_name if checkpoint.is_gguf else w.hf_name): _header(checkpoint.tensor(w))
-               for w in model_weights(config) if w in checkpoint}
-    manifest = {"fingerprint": reference, "files": small, "gguf": checkpoint.is_gguf, "tensors": headers}
+    try:
+        checkpoint = Checkpoint(folder)
+        config = ModelConfig.from_file(folder / "config.json")
+        small = {p.name: p.read_bytes() for p in folder.iterdir()
+                 if p.is_file() and p.suffix not in _WEIGHT_SUFFIXES and p.stat().st_size <= SMALL_FILE_BYTES}
+        headers = {(w.gguf_name if checkpoint.is_gguf else w.hf_name): _header(checkpoint.tensor(w))
+                   for w in model_weights(config) if w in checkpoint}
+        manifest = {"fingerprint": reference, "files": small, "gguf": checkpoint.is_gguf, "tensors": headers}
+    except Exception as e:  # the receivers wait for the manifest: tell them, then fail
+        for r in receivers:
+            group.send({"error": f"rank {group.rank} could not read the model: {e}"}, r)
+        raise
     for r in receivers:
         group.send(manifest, r)
     wanting = [r for r in receivers if group.recv(r) == "send"]
@@ -122,6 +130,8 @@ def _send(group, folder: Path, reference: str, receivers: list[int], weights: st
 
 def _receive(group, source: int, reference: str, weights: str) -> Path:
     manifest = group.recv(source)
+    if "error" in manifest:
+        raise LlaisysError(manifest["error"])
     target = None
     try:
         sliced = _Manifest(manifest)
