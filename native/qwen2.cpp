@@ -261,10 +261,10 @@ void Qwen2::add_reduced_projection(Workspace& ws, const Tensor& in, const ops::P
     ops::add(ws.x, ws.x, ws.partial);
 }
 
-void Qwen2::attention_block(Workspace& ws, const Qwen2Layer& layer, KVCache& cache, int64_t layer_index) {
+void Qwen2::attention_block(Workspace& ws, const Qwen2Layer& layer, const std::vector<Segment>& segments,
+                            int64_t layer_index) {
     const int64_t M = ws.x.size(0), hd = config_.head_dim;
     const int64_t H_l = shard_.head_end - shard_.head_begin, KV_l = shard_.kv_end - shard_.kv_begin;
-    const int64_t n_past = static_cast<int64_t>(cache.tokens.size());
 
     ops::rms_norm(ws.h, ws.x, layer.attn_norm, config_.rms_eps);
     ops::linear(ws.qkv, ws.h, layer.qkv, &layer.qkv_bias);
@@ -274,17 +274,20 @@ void Qwen2::attention_block(Workspace& ws, const Qwen2Layer& layer, KVCache& cac
     ops::rope(q, q, ws.positions, config_.rope_theta);
     ops::rope(k, k, ws.positions, config_.rope_theta);
 
-    // Store the new keys and values at positions n_past.. of every held cache head.
-    for (Tensor* src : {&k, &v}) {
-        const Tensor& cache_t = (src == &k ? cache.k : cache.v)[layer_index];
-        Tensor dst = cache_t.slice(1, n_past, n_past + M);
-        dst.shape = {M, KV_l, hd};
-        dst.strides = {cache_t.strides[1], cache_t.strides[0], 1};
-        copy(dst, *src);
+    for (const Segment& s : segments) {
+        KVCache& cache = *s.cache;
+        // Store the segment's new keys and values at positions n_past.. of every held cache head.
+        for (const Tensor* src : {&k, &v}) {
+            const Tensor& cache_t = (src == &k ? cache.k : cache.v)[layer_index];
+            Tensor dst = cache_t.slice(1, s.n_past, s.n_past + s.rows);
+            dst.shape = {s.rows, KV_l, hd};
+            dst.strides = {cache_t.strides[1], cache_t.strides[0], 1};
+            copy(dst, src->slice(0, s.row, s.row + s.rows));
+        }
+        Tensor out = ws.attn.slice(0, s.row, s.row + s.rows);
+        ops::self_attention(out, q.slice(0, s.row, s.row + s.rows), cache.k[layer_index], cache.v[layer_index],
+                            kv_head_of, s.n_past, 1.0f / std::sqrt(static_cast<float>(hd)));
     }
-
-    ops::self_attention(ws.attn, q, cache.k[layer_index], cache.v[layer_index], kv_head_of, n_past,
-                        1.0f / std::sqrt(static_cast<float>(hd)));
     add_reduced_projection(ws, ws.attn.view({M, H_l * hd}), layer.o, hd);
 }
 
@@ -296,42 +299,78 @@ void Qwen2::mlp_block(Workspace& ws, const Qwen2Layer& layer) {
     add_reduced_projection(ws, ws.act, layer.down, options_.ffn_block);
 }
 
-Tensor Qwen2::forward(KVCache& cache, const std::vector<int32_t>& tokens, bool all_positions) {
-    const int64_t M = static_cast<int64_t>(tokens.size());
-    LLAISYS_CHECK(loaded_, "the model's weights are not all loaded (finish_loading)");
-    LLAISYS_CHECK(M > 0, "forward needs at least one token");
-    LLAISYS_CHECK(static_cast<int64_t>(cache.tokens.size()) + M <= cache.capacity, "tokens exceed the cache capacity");
+void Qwen2::check_cache(const KVCache& cache, int64_t new_tokens) const {
     LLAISYS_CHECK(static_cast<int64_t>(cache.k.size()) == config_.n_layer, "cache belongs to another model");
+    LLAISYS_CHECK(static_cast<int64_t>(cache.tokens.size()) + new_tokens <= cache.capacity,
+                  "tokens exceed the cache capacity");
+}
+
+void Qwen2::run_chunk(Workspace& ws, const std::vector<Segment>& segments) {
+    for (const Segment& s : segments)
+        for (int64_t m = 0; m < s.rows; ++m) ws.positions.data<int64_t>()[s.row + m] = s.n_past + m;
+    // The embedding table is vocab-parallel: the one rank holding a token's row contributes it
+    // and the others add zeros, so this f32 sum is exact for any rank count.
+    ops::embedding(ws.x, ws.ids, embed_tokens, shard_.vocab_begin);
+    if (all_reduce_) all_reduce_(ws.x);
+    for (int64_t i = 0; i < config_.n_layer; ++i) {
+        attention_block(ws, layers[i], segments, i);
+        mlp_block(ws, layers[i]);
+    }
+    for (const Segment& s : segments) {
+        const int32_t* ids = ws.ids.data<int32_t>() + s.row;
+        s.cache->tokens.insert(s.cache->tokens.end(), ids, ids + s.rows);
+    }
+}
+
+void Qwen2::logits_of(Tensor& out, const Tensor& rows) {
+    Tensor h = ws_.h.slice(0, 0, rows.size(0));
+    ops::rms_norm(h, rows, final_norm, config_.rms_eps);
+    ops::linear(out, h, lm_head, nullptr);
+}
+
+void Qwen2::begin_step() {
+    LLAISYS_CHECK(loaded_, "the model's weights are not all loaded (finish_loading)");
 #ifdef _OPENMP
     omp_set_num_threads(options_.threads);
 #endif
+}
+
+Tensor Qwen2::forward(KVCache& cache, const std::vector<int32_t>& tokens, bool all_positions) {
+    const int64_t M = static_cast<int64_t>(tokens.size());
+    begin_step();
+    LLAISYS_CHECK(M > 0, "forward needs at least one token");
+    check_cache(cache, M);
     const int64_t V_l = shard_.vocab_end - shard_.vocab_begin;
     Tensor logits = Tensor::empty({all_positions ? M : 1, V_l}, DType::F32);
     // Long prompts run in chunks: activations stay small and the workspace is reused.
     for (int64_t begin = 0; begin < M; begin += kChunkTokens) {
         const int64_t end = std::min(M, begin + kChunkTokens), n = end - begin;
-        const int64_t n_past = static_cast<int64_t>(cache.tokens.size());
         Workspace& ws = workspace(n);
         std::memcpy(ws.ids.base, tokens.data() + begin, n * sizeof(int32_t));
-        for (int64_t m = 0; m < n; ++m) ws.positions.data<int64_t>()[m] = n_past + m;
-
-        // The embedding table is vocab-parallel: the one rank holding a token's row contributes it
-        // and the others add zeros, so this f32 sum is exact for any rank count.
-        ops::embedding(ws.x, ws.ids, embed_tokens, shard_.vocab_begin);
-        if (all_reduce_) all_reduce_(ws.x);
-        for (int64_t i = 0; i < config_.n_layer; ++i) {
-            attention_block(ws, layers[i], cache, i);
-            mlp_block(ws, layers[i]);
-        }
-        cache.tokens.insert(cache.tokens.end(), tokens.begin() + begin, tokens.begin() + end);
-
+        run_chunk(ws, {{&cache, 0, n, static_cast<int64_t>(cache.tokens.size())}});
         if (!all_positions && end < M) continue;  // only the last position's logits are wanted
-        Tensor rows = all_positions ? ws.x : ws.x.slice(0, n - 1, n);
-        Tensor h = ws.h.slice(0, 0, rows.size(0));
-        ops::rms_norm(h, rows, final_norm, config_.rms_eps);
         Tensor out = all_positions ? logits.slice(0, begin, end) : logits;
-        ops::linear(out, h, lm_head, nullptr);
+        logits_of(out, all_positions ? ws.x : ws.x.slice(0, n - 1, n));
     }
+    return logits;
+}
+
+Tensor Qwen2::forward_batch(const std::vector<KVCache*>& caches, const std::vector<int32_t>& tokens) {
+    const int64_t B = static_cast<int64_t>(tokens.size());
+    begin_step();
+    LLAISYS_CHECK(B > 0 && B <= kChunkTokens, "forward_batch takes 1 to 256 sequences");
+    LLAISYS_CHECK(static_cast<int64_t>(caches.size()) == B, "forward_batch: one token per cache");
+    std::vector<Segment> segments;
+    for (int64_t b = 0; b < B; ++b) {
+        for (int64_t c = 0; c < b; ++c) LLAISYS_CHECK(caches[c] != caches[b], "forward_batch: a cache appears twice");
+        check_cache(*caches[b], 1);
+        segments.push_back({caches[b], b, 1, static_cast<int64_t>(caches[b]->tokens.size())});
+    }
+    Workspace& ws = workspace(B);
+    std::memcpy(ws.ids.base, tokens.data(), B * sizeof(int32_t));
+    run_chunk(ws, segments);
+    Tensor logits = Tensor::empty({B, shard_.vocab_end - shard_.vocab_begin}, DType::F32);
+    logits_of(logits, ws.x);
     return logits;
 }
 

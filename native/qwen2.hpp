@@ -96,6 +96,10 @@ class Qwen2 {
     // Runs `tokens` after those already in the cache, appends them to it, and returns the logits
     // of this shard's vocabulary rows: [1, V_l] for the last position, or [M, V_l] for all.
     Tensor forward(KVCache& cache, const std::vector<int32_t>& tokens, bool all_positions);
+    // One decode step of several sequences at once: tokens[b] continues caches[b] (all different).
+    // The weights are read once for all of them; each attends to its own cache. Returns [B, V_l]
+    // logits, row b the same as forward(*caches[b], {tokens[b]}) would give.
+    Tensor forward_batch(const std::vector<KVCache*>& caches, const std::vector<int32_t>& tokens);
 
     const Qwen2Config& config() const { return config_; }
     const Shard& shard() const { return shard_; }
@@ -118,8 +122,19 @@ class Qwen2 {
         Tensor ids;      // [M] i32
         Tensor positions;  // [M] i64
     };
+    // Rows [row, row + rows) of a chunk continue one sequence, whose cache holds n_past tokens.
+    struct Segment {
+        KVCache* cache;
+        int64_t row, rows, n_past;
+    };
     Workspace& workspace(int64_t M);  // views of the first M rows
-    void attention_block(Workspace& ws, const Qwen2Layer& layer, KVCache& cache, int64_t layer_index);
+    void begin_step();
+    void check_cache(const KVCache& cache, int64_t new_tokens) const;
+    // Runs the chunk's tokens (ws.ids) through every layer, appending each segment's to its cache.
+    void run_chunk(Workspace& ws, const std::vector<Segment>& segments);
+    void logits_of(Tensor& out, const Tensor& rows);  // final norm and lm_head of residual rows
+    void attention_block(Workspace& ws, const Qwen2Layer& layer, const std::vector<Segment>& segments,
+                         int64_t layer_index);
     void mlp_block(Workspace& ws, const Qwen2Layer& layer);
     void add_reduced_projection(Workspace& ws, const Tensor& in, const ops::PackedWeight& w, int64_t k_block);
 

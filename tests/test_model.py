@@ -158,3 +158,25 @@ def test_a_conversation_past_the_context_reuses_the_cache_of_what_stays(tiny_mod
     # The same turns on a fresh engine give the same tokens: trimming depends only on the conversation.
     again = conversation_past_the_context(Engine(tiny_models(**SHAPES[0]), max_context=160), len(replies))
     assert [r.tokens for r in again] == [r.tokens for r in replies]
+
+
+@pytest.mark.parametrize("weights", ["f32", "bf16", "q8_0", "q4_0"])
+def test_a_batched_step_gives_each_sequence_what_it_gets_alone(tiny_models, weights):
+    engine = Engine(tiny_models(layers=2, dtype="f32"), weights=weights, threads=2)
+    model = engine.model
+    prompts = [[5, 17, 200], [3, 3, 90, 41, 7, 255, 12], [60], [1, 2, 3, 4, 5]]
+    alone = []
+    for prompt in prompts:
+        cache = model.new_cache(32)
+        model.forward(cache, prompt)
+        alone.append(model.forward(cache, [9])[0])
+    caches = [model.new_cache(32) for _ in prompts]
+    for cache, prompt in zip(caches, prompts):
+        model.forward(cache, prompt)
+    together = model.forward_batch(caches, [9] * len(prompts))
+    assert together.shape[0] == len(prompts)
+    for row, expected, cache, prompt in zip(together, alone, caches, prompts):
+        assert np.array_equal(row, expected)  # bit for bit: batching must not change anyone's tokens
+        assert list(cache.tokens) == prompt + [9]
+    with pytest.raises(RuntimeError, match="appears twice"):
+        model.forward_batch([caches[0], caches[0]], [1, 2])

@@ -26,6 +26,7 @@ constexpr int64_t kTileTokens = 8, kTilePanelsPrefill = 2, kTilePanelsDecode = 4
 constexpr int64_t kTileTokens = 4, kTilePanelsPrefill = 1, kTilePanelsDecode = 4;
 #endif
 constexpr int kMaxTokens = 8, kMaxPanels = kGroup;
+constexpr int64_t kFewTokens = 16;  // up to this many tokens, quantized tiles span a whole group
 static_assert(kGroup % kTilePanelsDecode == 0 && kGroup % kTilePanelsPrefill == 0, "tiles must not straddle groups");
 // Software prefetch distance, in k steps ahead of the tile's loads (measured: 8 to 64 do alike).
 constexpr int64_t kPrefetchSteps = 32;
@@ -194,8 +195,10 @@ Lhs prepare_lhs(const Tensor& x, const PackedWeight& w) {
 // How a part is cut into tiles: each tile is `rows` output rows (a whole number of 8-row halves
 // for quantized parts, of 16-row panels for float ones) for all tokens.
 int64_t tile_rows(const PackedPart& part, int64_t M) {
-    if (is_quantized(part.dtype)) return M == 1 ? tiles::kQuantTileHalves * tiles::kHalfRows : tiles::kHalfRows;
-    return (M == 1 ? kTilePanelsDecode : kTilePanelsPrefill) * kPanel;
+    // A few tokens (decode, batched decode) stream each group once; many tokens take one half at a
+    // time, which their reuse keeps in L1.
+    if (is_quantized(part.dtype)) return M <= kFewTokens ? tiles::kQuantTileHalves * tiles::kHalfRows : tiles::kHalfRows;
+    return (M <= kFewTokens ? kTilePanelsDecode : kTilePanelsPrefill) * kPanel;
 }
 
 // k in the units the part's kernel steps through: bf16 k-pairs, f32 k, quantized 32-value sub-blocks.
@@ -217,7 +220,7 @@ void run_tile(const Lhs& lhs, const PackedWeight& w, const PackedPart& part, int
         const int h0 = static_cast<int>((r0 % (kGroup * kPanel)) / tiles::kHalfRows);
         const int nh = static_cast<int>((rows + tiles::kHalfRows - 1) / tiles::kHalfRows);
         for (int64_t m0 = 0; m0 < M; m0 += tiles::kQuantTileTokens) {
-            const int mt = static_cast<int>(std::min<int64_t>(M == 1 ? 1 : tiles::kQuantTileTokens, M - m0));
+            const int mt = static_cast<int>(std::min<int64_t>(tiles::kQuantTileTokens, M - m0));
             for (int64_t k0 = 0; k0 < k_padded; k0 += k_block) {
                 const int64_t k1 = std::min(k0 + k_block, k_padded);
                 tiles::quant_tile(part.dtype, mt, nh, lhs.blocks + m0 * lhs.ld_blocks, lhs.ld_blocks, group, n_blocks, h0,

@@ -6,7 +6,9 @@
 // the activation block's sum: sum((q - o) x) = sum(q x) - o sum(x). Signed Q8 values use the
 // sign trick (|w| times x with w's sign). 16-bit pair sums are added as long as they cannot
 // overflow, then widened once. Each sub-block's integer sum turns into f32 with the row scales.
+#include <array>
 #include <cstring>
+#include <utility>
 #include <immintrin.h>
 
 #include "panels.hpp"
@@ -188,17 +190,17 @@ void tile(const ActivationBlock* x, int64_t ldx, const std::byte* group, int64_t
 
 using TileFn = void (*)(const ActivationBlock*, int64_t, const std::byte*, int64_t, int, int64_t, int64_t, float*);
 
-// Tiles in use: one token x 1..8 halves (decode), 1..4 tokens x one half (prefill).
+// Every tile shape: 1..4 tokens x 1..8 halves. Many tokens x few halves would reread a group's
+// interleaved chunks once per half, which left batched decode at 3x the per-token cost of prefill.
+template <DType T, int... I>
+constexpr std::array<TileFn, sizeof...(I)> tile_table(std::integer_sequence<int, I...>) {
+    return {tile<T, I / kQuantTileHalves + 1, I % kQuantTileHalves + 1>...};
+}
+
 template <DType T>
 TileFn pick(int mt, int nh) {
-    if (mt == 1) {
-        static constexpr TileFn by_halves[] = {tile<T, 1, 1>, tile<T, 1, 2>, tile<T, 1, 3>, tile<T, 1, 4>,
-                                               tile<T, 1, 5>, tile<T, 1, 6>, tile<T, 1, 7>, tile<T, 1, 8>};
-        return by_halves[nh - 1];
-    }
-    LLAISYS_CHECK(nh == 1, "quant_tile: several tokens take one half at a time");
-    static constexpr TileFn by_tokens[] = {tile<T, 2, 1>, tile<T, 3, 1>, tile<T, 4, 1>};
-    return by_tokens[mt - 2];
+    static constexpr auto table = tile_table<T>(std::make_integer_sequence<int, kQuantTileTokens * kQuantTileHalves>{});
+    return table[(mt - 1) * kQuantTileHalves + (nh - 1)];
 }
 
 }  // namespace

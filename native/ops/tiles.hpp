@@ -9,8 +9,8 @@
 namespace llaisys::ops::tiles {
 
 constexpr int kHalfRows = 8;        // rows a tile column unit holds: one 256-bit register of results
-constexpr int kQuantTileTokens = 4;  // prefill tiles: up to 4 tokens x one half
-constexpr int kQuantTileHalves = 8;  // decode tiles: one token x a whole group (4 panels x 2 halves)
+constexpr int kQuantTileTokens = 4;  // a tile holds up to 4 tokens
+constexpr int kQuantTileHalves = 8;  // x up to a whole group (4 panels x 2 halves)
 
 // tile[m * nh * 8 + h * 8 + r] = sum over sub-blocks [sb0, sb1) (32 values each) of x[m] . W[row]
 // for tokens m < mt and rows r of halves h0 .. h0 + nh of the group starting at `group` (which holds
