@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 from reference import qwen2_logits
-from tiny import load_weights_f64
+from tiny import load_weights_f64, write_tiny_gguf
 
 from llaisys_chat.engine import Engine
 from llaisys_chat.errors import LlaisysError
@@ -160,9 +160,12 @@ def test_a_conversation_past_the_context_reuses_the_cache_of_what_stays(tiny_mod
     assert [r.tokens for r in again] == [r.tokens for r in replies]
 
 
-@pytest.mark.parametrize("weights", ["f32", "bf16", "q8_0", "q4_0"])
-def test_a_batched_step_gives_each_sequence_what_it_gets_alone(tiny_models, weights):
-    engine = Engine(tiny_models(layers=2, dtype="f32"), weights=weights, threads=2)
+@pytest.mark.parametrize("weights", ["f32", "bf16", "q8_0", "q4_0", "gguf"])
+def test_a_batched_step_gives_each_sequence_what_it_gets_alone(tiny_models, tmp_path, weights):
+    if weights == "gguf":  # every quantized type the engine computes in
+        engine = Engine(write_tiny_gguf(tmp_path / "tiny.gguf"), threads=2)
+    else:
+        engine = Engine(tiny_models(layers=2, hidden=128, heads=4, kv_heads=2, ffn=512), weights=weights, threads=2)
     model = engine.model
     prompts = [[5, 17, 200], [3, 3, 90, 41, 7, 255, 12], [60], [1, 2, 3, 4, 5]]
     alone = []
