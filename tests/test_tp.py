@@ -31,8 +31,9 @@ TINY_LAYOUTS = [
 ]
 
 
-def tokens_on_ranks(n, model, runs, reduction="exact", weights="auto"):
-    spec = json.dumps({"model": str(model), "runs": runs, "reduction": reduction, "weights": weights})
+def tokens_on_ranks(n, model, runs, reduction="exact", weights="auto", batched=False):
+    spec = json.dumps({"model": str(model), "runs": runs, "reduction": reduction, "weights": weights,
+                       "batched": batched})
     result = mpiexec(n, sys.executable, SCRIPT, spec)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -110,6 +111,17 @@ QUANTIZED = [
 @pytest.fixture(scope="module")
 def tiny_gguf(tmp_path_factory):
     return write_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
+
+
+def test_replies_decoded_together_give_their_solo_tokens_for_any_rank_count(tiny_gguf):
+    # Four replies, three places: one waits for a place, the others start at different steps.
+    runs = [dict(prompt=p, max_new_tokens=m, **s) for p, m, s in zip(
+        ["batched", "a longer prompt that runs beside it", "third", "fourth waits"], [20, 12, 16, 10], SAMPLING)]
+    engine = Engine(tiny_gguf, threads=1)
+    expected = [generate(engine=engine, **r).new_ids for r in runs]
+    for n in (1, 2, 3, 4):
+        result = tokens_on_ranks(n, tiny_gguf, runs, batched=True)
+        assert result["tokens"] == expected and result["ranks_agree"], f"N={n}"
 
 
 @pytest.mark.parametrize("source,weights", QUANTIZED, ids=[f"{s}-{w}" for s, w in QUANTIZED])

@@ -12,6 +12,7 @@ from ..model.files import resolve_model
 from ..protocol.messages import build_messages
 from ..protocol.request import MAX_NEW_TOKENS, ReplyRequest, check_context_policy
 from ..protocol.sampling import SamplingParams
+from .batched_replies import BatchedReplies
 from .reply_stream import ReplyStream
 from .stream_link import StreamLink
 
@@ -25,6 +26,7 @@ class ClusterClient:
         self._ranks, self.token_timeout, self._say = ranks, token_timeout, say
         self.spec: dict | None = None
         self._link: StreamLink | None = None  # where rank 0 streams to (made on the first reply)
+        self._batched: BatchedReplies | None = None
 
     @property
     def n_ranks(self) -> int:
@@ -58,20 +60,34 @@ class ClusterClient:
         that yields text pieces as the engines produce them. Defaults are greedy. context="trim" lets
         the oldest messages go when the conversation outgrows the context (stats.dropped_messages
         says how many); "error" refuses it."""
-        check_context_policy(context)
-        if isinstance(prompt_or_messages, str):
-            messages = build_messages(prompt_or_messages, system)
-        else:
-            messages = build_messages(None, system, prompt_or_messages)
-        request = ReplyRequest(messages, SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed),
-                               int(max_new_tokens), (stop,) if isinstance(stop, str) else tuple(stop), session_key,
-                               context)
+        request = self.request(prompt_or_messages, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                               top_p=top_p, seed=seed, stop=stop, system=system, session_key=session_key, context=context)
         reply_stream = ReplyStream(request, self._ready_ranks(), self._stream_link(), self.token_timeout)
         if stream:
             return reply_stream
         for _ in reply_stream:
             pass
         return reply_stream.reply
+
+    def batched(self) -> BatchedReplies:
+        """Replies decoded together for concurrent callers (a server's requests): submit() them.
+        While it has replies running, this client's generate() must wait (they share the link)."""
+        if self._batched is None:
+            self._batched = BatchedReplies(self._ready_ranks, self._stream_link, self.token_timeout)
+        return self._batched
+
+    def request(self, prompt_or_messages, *, max_new_tokens: int = MAX_NEW_TOKENS, temperature: float = 0.0,
+                top_k: int = 0, top_p: float = 1.0, seed: int | None = None, stop=(), system: str | None = None,
+                session_key: str = "default", context: str = "trim") -> ReplyRequest:
+        """The request generate() sends for these arguments, checked."""
+        check_context_policy(context)
+        if isinstance(prompt_or_messages, str):
+            messages = build_messages(prompt_or_messages, system)
+        else:
+            messages = build_messages(None, system, prompt_or_messages)
+        return ReplyRequest(messages, SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed),
+                            int(max_new_tokens), (stop,) if isinstance(stop, str) else tuple(stop), session_key,
+                            context)
 
     def drop_session(self, key: str) -> None:
         """Free a conversation's cache on the engines."""
@@ -105,6 +121,9 @@ class ClusterClient:
 
     def close(self) -> None:
         """Disconnect; stop the cluster too if this client started it."""
+        if self._batched is not None:
+            self._batched.close()
+            self._batched = None
         if self._link is not None:
             self._link.close()
             self._link = None

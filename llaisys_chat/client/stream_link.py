@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from ..errors import LlaisysError
-from ..protocol.link import Link, stop_message
+from ..protocol.link import Link, join_message, stop_message
 
 HELLO_TIMEOUT = 2.0  # seconds a new connection has to present the token
 
@@ -51,12 +51,10 @@ class StreamLink:
         """Until rank 0 is connected: accept its connection, calling check() (which raises if the
         reply has failed) between polls; LlaisysError after timeout seconds."""
         deadline = time.monotonic() + timeout
-        while self._link is None:
-            self._accept(0.05)
-            if self._link is None:
-                check()
-                if time.monotonic() > deadline:
-                    raise LlaisysError(f"rank 0 did not connect within {timeout:.0f} s")
+        while not self.accept(0.05):
+            check()
+            if time.monotonic() > deadline:
+                raise LlaisysError(f"rank 0 did not connect within {timeout:.0f} s")
 
     def receive(self, timeout: float) -> list[dict] | None:
         """Messages from rank 0 within timeout seconds ([] if none); None if its connection closed
@@ -68,12 +66,18 @@ class StreamLink:
 
     def request_stop(self, request_id: str) -> bool:
         """Ask rank 0 to stop a reply; False when it is not connected (the caller then signals it)."""
-        if self._link is None:
-            self._accept(0.05)
-        if self._link is None:
+        return self._send(stop_message(request_id))
+
+    def request_join(self, request: dict) -> bool:
+        """Send rank 0 a request (ReplyRequest.to_dict()) to join the running batch; False when it
+        is not connected."""
+        return self._send(join_message(request))
+
+    def _send(self, message: dict) -> bool:
+        if not self.accept(0.05):
             return False
         try:
-            self._link.send(stop_message(request_id))
+            self._link.send(message)
             return True
         except OSError:
             self.drop_connection()
@@ -92,11 +96,13 @@ class StreamLink:
         if self._folder is not None:
             shutil.rmtree(self._folder, ignore_errors=True)
 
-    def _accept(self, timeout: float) -> None:
-        """Take a waiting connection if it presents the token; close it otherwise."""
-        if select.select([self._sock], [], [], timeout)[0]:
+    def accept(self, timeout: float) -> bool:
+        """Whether rank 0 is connected, taking its waiting connection (within timeout seconds) if
+        it is not; a connection that does not present the token is closed."""
+        if self._link is None and select.select([self._sock], [], [], timeout)[0]:
             link = Link(self._sock.accept()[0])
             if link.greeted(self.token, HELLO_TIMEOUT):
                 self._link = link
             else:
                 link.close()
+        return self._link is not None

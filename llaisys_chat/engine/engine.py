@@ -9,7 +9,7 @@ import os
 import random
 import socket
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +29,7 @@ from .sampling import STOP, choose_token
 from .shard_plan import ShardPlan
 
 DEFAULT_MAX_CONTEXT = 8192
+POOLED = "pooled:"  # the key prefix of caches that requests without a conversation key share
 
 
 class Engine:
@@ -68,6 +69,7 @@ class Engine:
             raise LlaisysError(f"max_context must be at least 2, not {self.max_context}")
         self.cache_slots = cache_slots
         self._caches: OrderedDict[str, object] = OrderedDict()
+        self._pooled = 0  # pooled caches made so far (their keys: POOLED + number)
 
     def fit(self, messages: list[dict], max_new_tokens: int, context: str = "trim") -> tuple[str, list[int], int]:
         """The conversation's prompt (text and ids) and how many of its earliest messages were left
@@ -102,8 +104,12 @@ class Engine:
         return run
 
     def generate(self, prompt_ids: list[int], params: SamplingParams = SamplingParams(), *, max_new_tokens: int = 256,
-                 stop: tuple[str, ...] = (), cache_key: str = "default", should_stop=None) -> "Generation":
-        """Start a reply to prompt_ids; iterate the result for (token id, text piece) pairs."""
+                 stop: tuple[str, ...] = (), cache_key: str | None = "default", busy=frozenset(),
+                 should_stop=None) -> "Generation":
+        """Start a reply to prompt_ids; iterate the result for (token id, text piece) pairs.
+        cache_key None picks, among the pooled caches not in `busy` (the keys of replies running
+        meanwhile), the one holding the longest start of the prompt: a request that continues an
+        earlier one finds its keys and values there."""
         if len(prompt_ids) == 0:
             raise LlaisysError("the prompt is empty")
         if len(prompt_ids) >= self.max_context:
@@ -115,8 +121,12 @@ class Engine:
         if params.temperature > 0 and params.seed is None:
             # Every rank must draw the same noise: rank 0's random seed serves all (a collective).
             params = dataclasses.replace(params, seed=self.group.bcast(random.getrandbits(63)))
-        return Generation(self, list(prompt_ids), params, max_new_tokens, tuple(stop), self._cache(cache_key),
-                          should_stop or (lambda: False))
+        if cache_key is None:
+            cache_key = self._pooled_cache_key(prompt_ids, busy)
+        run = Generation(self, list(prompt_ids), params, max_new_tokens, tuple(stop), self._cache(cache_key, busy),
+                         should_stop or (lambda: False))
+        run.cache_key = cache_key
+        return run
 
     def drop_cache(self, cache_key: str) -> None:
         """Forget a conversation's cached keys and values."""
@@ -132,20 +142,33 @@ class Engine:
             "rss_bytes": resident_bytes(),
         }
 
-    def _cache(self, key: str):
-        """The cache of conversation `key`, least recently used ones evicted beyond cache_slots."""
+    def _cache(self, key: str, busy=frozenset()):
+        """The cache of conversation `key`, least recently used ones (not busy) evicted beyond cache_slots."""
         if key in self._caches:
             self._caches.move_to_end(key)
         else:
-            while len(self._caches) >= self.cache_slots:
-                self._caches.popitem(last=False)
+            idle = [k for k in self._caches if k not in busy]
+            for old in idle[:max(0, len(self._caches) + 1 - self.cache_slots)]:
+                del self._caches[old]
             self._caches[key] = self.model.new_cache(self.max_context)
         return self._caches[key]
 
+    def _pooled_cache_key(self, prompt_ids, busy) -> str:
+        """The idle pooled cache that holds the longest start of the prompt, or a new one's key."""
+        prompt = np.asarray(prompt_ids, dtype=np.int32)
+        held = {k: _common_prefix(c.tokens, prompt) for k, c in self._caches.items()
+                if k.startswith(POOLED) and k not in busy}
+        best = max(held, key=held.get, default=None)
+        if best is not None and held[best] > 0:
+            return best
+        self._pooled += 1
+        return f"{POOLED}{self._pooled}"
+
 
 class Generation:
-    """A reply in progress: iterate for (token id, text piece); text pieces hold back any tail that
-    might start a stop string. `tokens`, `text` and `stats` fill in as it runs."""
+    """A reply in progress: iterate for (token id, text piece), or drive it a step at a time
+    (prefill(), then step() with each step's logits, as Batch does). Text pieces hold back any
+    tail that might start a stop string. `tokens`, `text` and `stats` fill in as it runs."""
 
     def __init__(self, engine: Engine, prompt_ids, params, max_new_tokens, stop, cache, should_stop):
         self.engine, self.prompt_ids, self.max_new_tokens, self.stop = engine, prompt_ids, max_new_tokens, stop
@@ -154,54 +177,78 @@ class Generation:
         self.tokens: list[int] = []
         self.text = ""
         self.prompt = ""  # the rendered prompt, when the reply was asked for by messages
+        self.cache_key: str | None = None
         self.stats = GenerationStats(prompt_tokens=len(prompt_ids))
+        self.finished = False
+        self._decoder, self._raw, self._emitted, self._cut = engine.chat.stream_decoder(), "", 0, None
+        self._longest_stop = max(map(len, stop), default=0)
+        self._start = self._decode_start = None
 
     def __iter__(self):
-        engine, stats = self.engine, self.stats
-        start = time.perf_counter()
-        logits = self._prefill()
-        stats.prefill_seconds = time.perf_counter() - start
-        decoder, raw, emitted, cut, decode_start = engine.chat.stream_decoder(), "", 0, None, None
-        longest_stop = max(map(len, self.stop), default=0)
+        logits = self.prefill()
         try:
-            for step in range(self.max_new_tokens):
-                token = choose_token(logits[0], engine.plan.vocab_begin, self.params, step, engine.group,
-                                     self.should_stop())
-                if token == STOP or token in engine.chat.stop_ids:
-                    stats.finish_reason = "interrupted" if token == STOP else "stop"
-                    break
-                if decode_start is None:
-                    decode_start = time.perf_counter()
-                    stats.first_token_seconds = decode_start - start
-                self.tokens.append(token)
-                stats.new_tokens += 1
-                raw += decoder.step(token)
-                cut = _stop_position(raw, self.stop, max(0, emitted - longest_stop))  # only new text can hold one
-                end = cut if cut is not None else len(raw) - _held_back(raw, self.stop)
-                yield token, raw[emitted:end]
-                emitted = end
-                if cut is not None:
-                    stats.finish_reason = "stop"
-                    break
-                if step + 1 == self.max_new_tokens:
-                    stats.finish_reason = "length"
-                    break
-                if self.cache.n_tokens >= engine.max_context:
-                    stats.finish_reason = "context"
-                    break
-                logits = engine.model.forward(self.cache, [token])
+            while True:
+                token, piece = self.step(logits)
+                if token is not None or piece:
+                    yield token, piece
+                if self.finished:
+                    return
+                logits = self.engine.model.forward(self.cache, [token])[0]
         finally:  # also when the consumer stops iterating early
-            if decode_start is not None:
-                stats.decode_seconds = time.perf_counter() - decode_start
-            self.text = raw[:cut] if cut is not None else raw
-        if emitted < len(self.text):
-            yield None, self.text[emitted:]
+            self._finish()
 
     def run(self) -> "Generation":
         """Generate to the end without streaming; returns self."""
         for _ in self:
             pass
         return self
+
+    def prefill(self) -> np.ndarray:
+        """Compute the prompt (what the cache does not hold of it); returns the logits of the first step."""
+        self._start = time.perf_counter()
+        logits = self._prefill()[0]
+        self.stats.prefill_seconds = time.perf_counter() - self._start
+        return logits
+
+    def step(self, logits: np.ndarray) -> tuple[int | None, str]:
+        """Collective: choose this step's token from this rank's slice of its logits. Returns the
+        token (None when the reply ended instead) and the text that may be shown now; once the
+        reply is over, `finished` is set and that text includes the rest."""
+        engine, stats = self.engine, self.stats
+        token = choose_token(logits, engine.plan.vocab_begin, self.params, len(self.tokens), engine.group,
+                             self.should_stop())
+        if token == STOP or token in engine.chat.stop_ids:
+            stats.finish_reason = "interrupted" if token == STOP else "stop"
+            return None, self._finish()
+        if self._decode_start is None:
+            self._decode_start = time.perf_counter()
+            stats.first_token_seconds = self._decode_start - self._start
+        self.tokens.append(token)
+        stats.new_tokens += 1
+        self._raw += self._decoder.step(token)
+        # Only new text can hold a stop string.
+        self._cut = _stop_position(self._raw, self.stop, max(0, self._emitted - self._longest_stop))
+        end = self._cut if self._cut is not None else len(self._raw) - _held_back(self._raw, self.stop)
+        piece, self._emitted = self._raw[self._emitted:end], end
+        if self._cut is not None:
+            stats.finish_reason = "stop"
+        elif len(self.tokens) == self.max_new_tokens:
+            stats.finish_reason = "length"
+        elif self.cache.n_tokens >= engine.max_context:
+            stats.finish_reason = "context"
+        else:
+            return token, piece
+        return token, piece + self._finish()
+
+    def _finish(self) -> str:
+        """End the reply (once): its text and timing are final. Returns the text not yet shown."""
+        if not self.finished:
+            self.finished = True
+            if self._decode_start is not None:
+                self.stats.decode_seconds = time.perf_counter() - self._decode_start
+            self.text = self._raw[:self._cut] if self._cut is not None else self._raw
+        rest, self._emitted = self.text[self._emitted:], max(self._emitted, len(self.text))
+        return rest
 
     def _prefill(self):
         """Reuse what the cache holds of the prompt and compute the rest. The cache may hold the
@@ -217,6 +264,43 @@ class Generation:
         self.cache.truncate(keep)
         self.stats.cached_tokens = keep
         return self.engine.model.forward(self.cache, self.prompt_ids[keep:])
+
+
+class Batch:
+    """Replies decoded together. Each step reads the weights once for all running replies
+    (forward_batch), then each chooses its token; a reply gives the same tokens as it would alone.
+    Replies wait in arrival order for one of `max_running` places, and start (prefill) at the next step.
+    Every rank must add the same replies in the same order: steps are collectives."""
+
+    def __init__(self, engine: Engine, max_running: int):
+        self.engine, self.max_running = engine, max_running
+        self._waiting: deque[Generation] = deque()
+        self._running: list[Generation] = []
+        self._logits: dict[Generation, np.ndarray] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._waiting or self._running)
+
+    def add(self, run: Generation) -> None:
+        self._waiting.append(run)
+
+    def cache_keys(self) -> frozenset:
+        """The caches of the replies in the batch (which a new reply must not take)."""
+        return frozenset(r.cache_key for r in (*self._waiting, *self._running))
+
+    def step(self) -> list[tuple[Generation, int | None, str]]:
+        """Collective: start waiting replies while there is room, then one token for every running
+        reply. Returns (reply, token or None, text piece) for each; finished replies leave the batch."""
+        while self._waiting and len(self._running) < self.max_running:
+            run = self._waiting.popleft()
+            self._logits[run] = run.prefill()
+            self._running.append(run)
+        events = [(run, *run.step(self._logits.pop(run))) for run in self._running]
+        self._running = [run for run in self._running if not run.finished]
+        if self._running:
+            logits = self.engine.model.forward_batch([r.cache for r in self._running], [r.tokens[-1] for r in self._running])
+            self._logits = dict(zip(self._running, logits))
+        return events
 
 
 def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:

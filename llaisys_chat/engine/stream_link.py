@@ -1,5 +1,6 @@
 """Rank 0's end of the stream link: it connects to the client, sends each text piece the moment it
-exists, and reads the client's stop requests between decode steps (wire format: protocol/link.py).
+exists, and reads the client's stop requests (and requests joining a batch) between decode steps
+(wire format: protocol/link.py).
 
 The connection is kept between replies while the client (its address) stays the same. If the client
 cannot be reached or goes away, the reply stops at the next step: nobody would read the rest.
@@ -43,13 +44,15 @@ class ClientLink:
 
     def stop_requested(self, request_id: str) -> bool:
         """Whether the client asked to stop this reply, or has gone; never waits."""
-        if self._link is None:
-            return True
-        messages = self._link.receive(0)
+        messages = self.messages()
+        return messages is None or any(m.get("stop") == request_id for m in messages)
+
+    def messages(self) -> list[dict] | None:
+        """What the client has sent since the last look ([] if nothing), or None if it has gone; never waits."""
+        messages = self._link.receive(0) if self._link is not None else None
         if messages is None:
             self.close()
-            return True
-        return any(m.get("stop") == request_id for m in messages)
+        return messages
 
     def close(self) -> None:
         """Drop the connection (a new one is made for the next reply)."""

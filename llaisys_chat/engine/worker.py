@@ -6,7 +6,9 @@ REPL, finds it already loaded.
 
 While a reply runs, rank 0 sends each text piece straight to the client over its own socket
 (stream_link.py: microseconds per token, unlike ipyparallel's output channels) and reads stop
-requests from it between steps. A stop, or SIGINT/SIGUSR1 reaching any rank, sets a flag that the
+requests from it between steps. A batch of replies (generate_batch, for a server's concurrent
+requests) also takes new requests from it between steps: rank 0 passes them, and the stops, to
+every rank, so that all add the same replies at the same step. A stop, or SIGINT/SIGUSR1 reaching any rank, sets a flag that the
 rank folds into that step's token agreement, so every rank leaves the loop at the same step: none
 is left waiting inside a collective (a KeyboardInterrupt raised inside the loop would do exactly that).
 """
@@ -14,6 +16,7 @@ import contextlib
 import os
 import signal
 import socket
+from collections import deque
 
 from ..errors import LlaisysError
 from ..protocol.link import done_message, piece_message
@@ -21,7 +24,7 @@ from ..protocol.messages import opens_reasoning
 from ..protocol.reply import Reply
 from ..protocol.request import ReplyRequest
 from .collectives import MPIGroup
-from .engine import Engine
+from .engine import Batch, Engine
 from .stream_link import ClientLink
 
 
@@ -34,6 +37,7 @@ class Worker:
         self.spec: dict | None = None
         self.link = ClientLink()
         self.stop_requested = False  # set by a signal or a stop message; read at every decode step
+        self._batched_ids: deque[str] = deque(maxlen=4096)  # requests a batch has taken (a join may come twice)
 
     def load(self, spec: dict) -> dict:
         """Collective: load spec["model"] (engine options in spec) unless this exact spec is loaded."""
@@ -66,8 +70,7 @@ class Worker:
         run = engine.reply(request.messages, request.sampling, max_new_tokens=request.max_new_tokens,
                            context=request.context, stop=request.stop, cache_key=request.session,
                            should_stop=lambda: self._should_stop(rank0, request.id))
-        # A prompt that opened the reasoning block: the client sees the tag, as if the model wrote it.
-        opened = lead = "<think>" if opens_reasoning(run.prompt) else ""
+        opened = lead = _reasoning_lead(run)
         for _, piece in run:
             if rank0 and (piece or lead):
                 self._send(piece_message(request.id, lead + piece))
@@ -77,8 +80,58 @@ class Worker:
         self._send(done_message(request.id))
         return Reply(opened + run.text, run.prompt_ids, run.tokens, run.stats)
 
+    def generate_batch(self, requests: list[ReplyRequest]) -> None:
+        """Collective: replies to `requests`, and to those the client sends to join them while they
+        run, decoded together (engine.Batch); each picks the idle cache that holds the longest start
+        of its prompt. Rank 0 streams every reply's pieces and, at its end, its outcome (stats, or
+        the error that kept it from running). Returns once no reply is left."""
+        engine = self._engine()
+        rank0 = engine.group.rank == 0
+        self.stop_requested = rank0 and not self.link.open(requests[0].stream_to, requests[0].stream_token)
+        batch, leads, stopped, arrived = Batch(engine, engine.cache_slots), {}, set(), list(requests)
+        while True:
+            joins, stops = engine.group.bcast(self._batch_news(arrived) if rank0 else None)
+            arrived = []
+            stopped.update(stops)
+            for request in joins:
+                try:
+                    run = engine.reply(request.messages, request.sampling, max_new_tokens=request.max_new_tokens,
+                                       context=request.context, stop=request.stop, cache_key=None,
+                                       busy=batch.cache_keys(),
+                                       should_stop=lambda id=request.id: self.stop_requested or id in stopped)
+                except LlaisysError as e:  # this request only (every rank raises alike): the others go on
+                    if rank0:
+                        self._send(done_message(request.id, error=str(e)))
+                    continue
+                run.request_id, leads[run] = request.id, _reasoning_lead(run)
+                batch.add(run)
+            if not batch:
+                return None
+            for run, _, piece in batch.step():
+                if not rank0:
+                    continue
+                text = leads.pop(run, "") + piece  # the lead goes with the first step
+                if text:
+                    self._send(piece_message(run.request_id, text))
+                if run.finished:
+                    self._send(done_message(run.request_id, stats=run.stats.to_dict(), new_ids=run.tokens))
+
+    def _batch_news(self, arrived: list[ReplyRequest]) -> tuple[list[ReplyRequest], list[str]]:
+        """Rank 0, between batch steps: the requests that arrived (on the link, or with the call)
+        and not taken before, and the ids the client asked to stop."""
+        messages = self.link.messages()
+        if messages is None:  # the client has gone: nobody reads the replies
+            self.stop_requested, messages = True, []
+        arrived = arrived + [ReplyRequest.from_dict(m["join"]) for m in messages if "join" in m]
+        joins = []
+        for request in arrived:
+            if request.id not in self._batched_ids:
+                self._batched_ids.append(request.id)
+                joins.append(request)
+        return joins, [m["stop"] for m in messages if "stop" in m]
+
     def request_stop(self) -> None:
-        """Stop the running reply at the next step (safe to call from a signal handler)."""
+        """Stop the running replies at the next step (safe to call from a signal handler)."""
         self.stop_requested = True
 
     def _should_stop(self, rank0: bool, request_id: str) -> bool:
@@ -142,6 +195,17 @@ def generate(request: ReplyRequest) -> Reply | None:
     """Collective: one reply (see Worker.generate); SIGINT meanwhile stops it instead of raising."""
     with _sigint_stops_the_reply():
         return _worker.generate(request)
+
+
+def generate_batch(requests: list[ReplyRequest]) -> None:
+    """Collective: replies decoded together (see Worker.generate_batch); SIGINT stops them all."""
+    with _sigint_stops_the_reply():
+        return _worker.generate_batch(requests)
+
+
+def _reasoning_lead(run) -> str:
+    """A prompt that opened the reasoning block: the client sees the tag, as if the model wrote it."""
+    return "<think>" if opens_reasoning(run.prompt) else ""
 
 
 @contextlib.contextmanager

@@ -4,13 +4,15 @@ that API (the `openai` client, editors, `llm`, jupyter-ai...).
     POST /v1/chat/completions   messages, max_tokens / max_completion_tokens, temperature, top_p,
                                 top_k (an extension), seed, stop, stream (server-sent events)
     GET  /v1/models             the model the engines hold, and the built-in ones
-    GET  /health                200 while the engines are up, 503 while they are down
+    GET  /health                200 while the engines are up (with the requests in flight), 503 while down
 
-Starlette and uvicorn speak HTTP; this file maps requests onto the cluster client. The engines
-decode one reply at a time: requests wait their turn in arrival order (at most QUEUE_LIMIT waiting,
-then 429). A client that disconnects mid-reply stops it on every rank at the next step. Errors use
-OpenAI's JSON shape. It binds to 127.0.0.1 unless told otherwise; a non-local bind needs --api-key
-(or an explicit --no-api-key, which warns).
+Starlette and uvicorn speak HTTP; this file maps requests onto the cluster client's batched replies:
+the engines decode the requests in flight together, each step reading the weights once for all of
+them, with the same tokens each would get alone. Up to the engines' cache slots run at once; more
+wait in arrival order (at most QUEUE_LIMIT in all, then 429). A request that continues an earlier
+conversation reuses the keys and values cached for it. A client that disconnects mid-reply stops
+it on every rank at the next step. Errors use OpenAI's JSON shape. It binds to 127.0.0.1 unless
+told otherwise; a non-local bind needs --api-key (or an explicit --no-api-key, which warns).
 """
 import argparse
 import asyncio
@@ -19,7 +21,6 @@ import json
 import secrets
 import signal
 import sys
-import threading
 import time
 import uuid
 
@@ -28,7 +29,7 @@ from ..errors import EnginesDown, LlaisysError
 from ..model.builtins import BUILTINS, find_builtin
 from .options import add_cluster_options, add_version_option, cluster_options
 
-QUEUE_LIMIT = 16  # requests waiting for the engines before new ones get 429
+QUEUE_LIMIT = 16  # requests running or waiting for the engines before new ones get 429
 CONTEXT_HEADER = "X-Llaisys-Dropped-Messages"  # how many earliest messages were left out to fit the context
 
 
@@ -103,8 +104,8 @@ class Server:
         builtin = find_builtin(model)
         self.model = builtin.name if builtin else model
         self.names = {model, self.model, *(builtin.aliases if builtin else ())}
-        self.turn = asyncio.Lock()  # one reply on the engines at a time, in arrival order
-        self.waiting = 0
+        self.replies = client.batched()
+        self.in_flight = 0  # requests running or waiting on the engines
 
     def check_key(self, request) -> None:
         if self.api_key is None:
@@ -124,52 +125,54 @@ class Server:
         reason = self.client.down()
         if reason is not None:
             return 503, {"status": "down", "reason": reason}
-        return 200, {"status": "ok", "model": self.model, "ranks": self.client.n_ranks}
+        return 200, {"status": "ok", "model": self.model, "ranks": self.client.n_ranks, "requests": self.in_flight}
 
 
 class Reply:
-    """One completion running on the engines, its pieces handed from a worker thread to the event loop."""
+    """One completion on the engines, decoded along with the others in flight; its pieces and end
+    reach the event loop through a queue."""
 
     def __init__(self, server: Server, options: dict, loop):
-        self.server, self.options, self.loop = server, options, loop
+        o = options
+        self.server, self.loop = server, loop
+        self.request = server.client.request(o["messages"], max_new_tokens=o["max_new_tokens"],
+                                             temperature=o["temperature"], top_k=o["top_k"], top_p=o["top_p"],
+                                             seed=o["seed"], stop=o["stop"])
         self.pieces: asyncio.Queue = asyncio.Queue()
-        self.stream = None
+        self.ended = False
 
     def start(self) -> None:
-        threading.Thread(target=self._run, daemon=True).start()
+        self.server.in_flight += 1
+        self.server.replies.submit(self.request, self._piece, self._end)
 
-    def _run(self) -> None:
-        """In a thread: the blocking client streams the reply; each piece, then the end, go to the queue."""
-        o = self.options
-        try:
-            self.stream = self.server.client.generate(
-                o["messages"], max_new_tokens=o["max_new_tokens"], temperature=o["temperature"], top_k=o["top_k"],
-                top_p=o["top_p"], seed=o["seed"], stop=o["stop"], stream=True, session_key="serve")
-            for piece in self.stream:
-                self.loop.call_soon_threadsafe(self.pieces.put_nowait, ("piece", piece))
-            self.loop.call_soon_threadsafe(self.pieces.put_nowait, ("end", self.stream.reply))
-        except EnginesDown as e:
-            self.loop.call_soon_threadsafe(self.pieces.put_nowait, ("error", ApiError(503, str(e), "server_error", code="engines_down")))
-        except LlaisysError as e:
-            self.loop.call_soon_threadsafe(self.pieces.put_nowait, ("error", ApiError(400, str(e))))
-        except Exception as e:  # a bug: answered, and the engines' turn still handed on
-            self.loop.call_soon_threadsafe(self.pieces.put_nowait, ("error", ApiError(500, f"{type(e).__name__}: {e}",
-                                                                                       "server_error")))
-        finally:
-            # The engines are free: the next request may go. (Released here, not by the request's
-            # handler, which a disconnect may cancel before the ranks have stopped.)
-            self.loop.call_soon_threadsafe(self.server.turn.release)
+    def _piece(self, text: str) -> None:  # on the batch's thread
+        self.loop.call_soon_threadsafe(self.pieces.put_nowait, ("piece", text))
+
+    def _end(self, reply, error) -> None:  # on the batch's thread
+        if isinstance(error, EnginesDown):
+            event = ("error", ApiError(503, str(error), "server_error", code="engines_down"))
+        elif error is not None:
+            event = ("error", ApiError(400, str(error)))
+        else:
+            event = ("end", reply)
+        self.loop.call_soon_threadsafe(self._ended, event)
+
+    def _ended(self, event) -> None:
+        self.ended = True
+        self.server.in_flight -= 1
+        self.pieces.put_nowait(event)
 
     def stop(self) -> None:
-        """The client went away: the ranks stop at the next step (nothing once the reply has ended)."""
-        if self.stream is not None:
-            self.stream.stop()
+        """The client went away: the ranks stop the reply at the next step (nothing once it has ended)."""
+        if not self.ended:
+            self.server.replies.stop(self.request.id)
 
 
 def usage(reply) -> dict:
     stats = reply.stats
     return {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.new_tokens,
-            "total_tokens": stats.prompt_tokens + stats.new_tokens}
+            "total_tokens": stats.prompt_tokens + stats.new_tokens,
+            "prompt_tokens_details": {"cached_tokens": stats.cached_tokens}}
 
 
 def finish_reason(reply) -> str:
@@ -193,18 +196,15 @@ def build_app(server: Server):
             if body.get("model") not in (None, *server.names):
                 raise ApiError(404, f"this server serves {server.model}, not {body.get('model')!r}",
                                param="model", code="model_not_found")
-            if server.waiting >= QUEUE_LIMIT:
-                raise ApiError(429, f"{QUEUE_LIMIT} requests are already waiting for the engines; retry later",
-                               kind="rate_limit_error", code="queue_full")
+            if server.in_flight >= QUEUE_LIMIT:
+                raise ApiError(429, f"{QUEUE_LIMIT} requests are already running or waiting on the engines; "
+                               "retry later", kind="rate_limit_error", code="queue_full")
+            reply = Reply(server, options, asyncio.get_running_loop())
         except ApiError as e:
             return JSONResponse(e.body(), status_code=e.status)
+        except LlaisysError as e:
+            return JSONResponse(ApiError(400, str(e)).body(), status_code=400)
         created, ident = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
-        server.waiting += 1
-        try:
-            await server.turn.acquire()
-        finally:
-            server.waiting -= 1
-        reply = Reply(server, options, asyncio.get_running_loop())
         reply.start()
         if options["stream"]:
             return StreamingResponse(_events(reply, request, ident, created), media_type="text/event-stream",

@@ -3,7 +3,8 @@ objects one per line, each way.
 
 Rank 0 -> client: first a hello presenting the link's token (the client closes a connection that
 does not), then text pieces of replies, the moment they exist, each reply's end.
-Client -> rank 0: a request to stop a reply, read between decode steps.
+Client -> rank 0: a request to stop a reply, and (while a batch of replies runs) requests that
+join it; both are read between decode steps.
 """
 import json
 import secrets
@@ -22,9 +23,15 @@ def piece_message(request_id: str, text: str) -> dict:
     return {"id": request_id, "text": text, "time": time.time()}
 
 
-def done_message(request_id: str) -> dict:
-    """The reply has ended: no more pieces follow."""
-    return {"id": request_id, "done": True}
+def done_message(request_id: str, **outcome) -> dict:
+    """The reply has ended: no more pieces follow. A batched reply's end carries its outcome:
+    `stats` and `new_ids`, or `error` (a one-line message) if it could not run."""
+    return {"id": request_id, "done": True, **outcome}
+
+
+def join_message(request: dict) -> dict:
+    """A request (ReplyRequest.to_dict()) to decode along with the batch that is running."""
+    return {"join": request}
 
 
 def stop_message(request_id: str) -> dict:

@@ -1,6 +1,6 @@
 """A request for one reply, as the client sends it to every rank at once."""
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from ..errors import LlaisysError
 from .sampling import SamplingParams
@@ -32,3 +32,12 @@ class ReplyRequest:
     stream_to: str = ""       # the client's link address, where rank 0 sends the pieces
     stream_token: str = ""    # what rank 0 presents there first (the link is private)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def to_dict(self) -> dict:
+        """The request as JSON-ready fields (for the stream link)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ReplyRequest":
+        """Inverse of to_dict."""
+        return cls(**{**d, "sampling": SamplingParams(**d["sampling"]), "stop": tuple(d["stop"])})
