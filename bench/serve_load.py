@@ -2,8 +2,10 @@
 
 Starts the server on loopback with a private cluster of --ranks engines (the demo model), then:
 1. Batching: one greedy request alone, then --batch different greedy requests at once, in
-   alternating rounds. Aggregate decode tokens/s (tokens after each reply's first, over the time
-   from the first reply's first token to the last reply's end) against the single request's.
+   alternating rounds. Decode tokens/s: text pieces (one per token, but for held-back text)
+   arriving while every request of the round was decoding, from the last one's first piece to the
+   first one's end, so that neither the prompts' prefill nor the ragged ends count; also
+   end to end: all new tokens over the round's wall time, prefills included.
 2. Load: --clients streaming clients for --seconds, each asking in turn from a set of prompts whose
    solo replies (greedy) were recorded first. Every reply must equal its solo run. Prints time to
    first token (p50/p95), total tokens/s, mismatches and errors.
@@ -80,23 +82,36 @@ def stream(base: str, prompt: str, max_tokens: int) -> dict:
                 text += piece
                 times.append(time.monotonic())
             usage = chunk.get("usage") or usage
-    return {"text": text, "tokens": usage["completion_tokens"], "start": start, "first": times[0], "last": times[-1]}
+    return {"text": text, "tokens": usage["completion_tokens"], "start": start, "first": times[0], "last": times[-1],
+            "times": times, "end": time.monotonic()}
 
 
 def decode_rate(replies: list[dict]) -> float:
-    """Tokens after each reply's first, per second from the earliest first token to the latest end."""
-    return sum(r["tokens"] - 1 for r in replies) / (max(r["last"] for r in replies) - min(r["first"] for r in replies))
+    """Pieces per second while every reply was decoding (after the last one's first piece, up to the
+    first one's last)."""
+    begin, end = max(r["first"] for r in replies), min(r["last"] for r in replies)
+    return sum(sum(1 for t in r["times"] if begin < t <= end) for r in replies) / (end - begin)
+
+
+def end_to_end_rate(replies: list[dict]) -> float:
+    return sum(r["tokens"] for r in replies) / (max(r["end"] for r in replies) - min(r["start"] for r in replies))
 
 
 def batching(base: str, rounds: int, batch: int, max_tokens: int) -> list[list]:
-    single, together = [], []
+    runs = {"single": [], "together": []}
     with ThreadPoolExecutor(batch) as pool:
         for _ in range(rounds):
-            single.append(decode_rate([stream(base, PROMPTS[0], max_tokens)]))
-            together.append(decode_rate(list(pool.map(lambda p: stream(base, p, max_tokens), PROMPTS[:batch]))))
-    ratios = [t / s for s, t in zip(single, together)]
-    return [["1 request", statistics.median(single), 1.0],
-            [f"{batch} requests at once (aggregate)", statistics.median(together), statistics.median(ratios)]]
+            runs["single"].append([stream(base, PROMPTS[0], max_tokens)])
+            runs["together"].append(list(pool.map(lambda p: stream(base, p, max_tokens), PROMPTS[:batch])))
+    rows = []
+    for name, label in (("single", "1 request"), ("together", f"{batch} requests at once")):
+        decode = [decode_rate(r) for r in runs[name]]
+        whole = [end_to_end_rate(r) for r in runs[name]]
+        ratio = [d / decode_rate(s) for d, s in zip(decode, runs["single"])]
+        ratio_whole = [w / end_to_end_rate(s) for w, s in zip(whole, runs["single"])]
+        rows.append([label, statistics.median(decode), statistics.median(ratio), statistics.median(whole),
+                     statistics.median(ratio_whole)])
+    return rows
 
 
 def load(base: str, clients: int, seconds: float, max_tokens: int) -> list[list]:
@@ -146,7 +161,8 @@ def main():
         server.wait(60)
     print(f"Machine: {machine()}; demo model; {args.ranks} ranks; greedy, up to {args.max_tokens} new tokens")
     print(f"\nBatched decoding (medians of {args.rounds} alternating rounds; ratio paired per round):")
-    print(table(["requests", "decode tok/s", "ratio to 1 request"], batch_rows))
+    print(table(["requests", "decode tok/s (all decoding)", "ratio to 1 request", "end to end tok/s",
+                 "ratio to 1 request"], batch_rows))
     if load_rows:
         print(f"\nLoad test ({args.clients} streaming clients, each reply checked against its solo run):")
         print(table(["clients", "seconds", "replies", "errors", "differing from solo", "TTFT p50 (ms)",

@@ -28,6 +28,11 @@ from .engine import Batch, Engine
 from .stream_link import ClientLink
 
 
+# Replies a batch decodes at once (more wait their turn). Each takes a cache of its own, beyond the
+# engine's cache slots if need be (docs/benchmarks.md: 4 and 8 at once on 2 cores).
+BATCH_LIMIT = 8
+
+
 class Worker:
     """One rank's state between calls: the loaded engine, and on rank 0 the link to the client."""
 
@@ -88,7 +93,7 @@ class Worker:
         engine = self._engine()
         rank0 = engine.group.rank == 0
         self.stop_requested = rank0 and not self.link.open(requests[0].stream_to, requests[0].stream_token)
-        batch, leads, stopped, arrived = Batch(engine, engine.cache_slots), {}, set(), list(requests)
+        batch, leads, stopped, arrived = Batch(engine, BATCH_LIMIT), {}, set(), list(requests)
         while True:
             joins, stops = engine.group.bcast(self._batch_news(arrived) if rank0 else None)
             arrived = []

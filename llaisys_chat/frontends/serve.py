@@ -8,7 +8,7 @@ that API (the `openai` client, editors, `llm`, jupyter-ai...).
 
 Starlette and uvicorn speak HTTP; this file maps requests onto the cluster client's batched replies:
 the engines decode the requests in flight together, each step reading the weights once for all of
-them, with the same tokens each would get alone. Up to the engines' cache slots run at once; more
+them, with the same tokens each would get alone. Up to 8 run at once (the worker's BATCH_LIMIT); more
 wait in arrival order (at most QUEUE_LIMIT in all, then 429). A request that continues an earlier
 conversation reuses the keys and values cached for it. A client that disconnects mid-reply stops
 it on every rank at the next step. Errors use OpenAI's JSON shape. It binds to 127.0.0.1 unless
