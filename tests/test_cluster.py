@@ -42,6 +42,16 @@ def test_generate_equals_the_single_process_engine(chat, demo_folder):
     assert sampled[0] == sampled[1]
 
 
+def test_generate_many_decodes_together_and_equals_each_alone(chat):
+    prompts = ["Name a prime number.", [{"role": "user", "content": "What is MPI?"}], "Say hi in French."]
+    alone = [chat.generate(p, max_new_tokens=24, temperature=0.7, seed=3) for p in prompts]
+    together = chat.generate_many(prompts, max_new_tokens=24, temperature=0.7, seed=3)
+    assert [r.new_ids for r in together] == [r.new_ids for r in alone]
+    assert [r.text for r in together] == [r.text for r in alone]
+    with pytest.raises(LlaisysError, match="context holds"):
+        chat.generate_many(["fine", "x " * 9000], max_new_tokens=4, context="error")
+
+
 def test_streaming_yields_the_blocking_text_in_order(chat):
     blocking = chat.generate(PROMPT, max_new_tokens=60)
     stream = chat.generate(PROMPT, max_new_tokens=60, stream=True)

@@ -6,6 +6,7 @@ pieces over it and reads stop requests from it, so streaming costs microseconds 
 """
 import os
 import socket
+import threading
 
 from ..errors import EnginesDown, LlaisysError
 from ..model.files import resolve_model
@@ -68,6 +69,24 @@ class ClusterClient:
         for _ in reply_stream:
             pass
         return reply_stream.reply
+
+    def generate_many(self, prompts, **options) -> list:
+        """Replies to several prompts (strings or message lists) at once, decoded together on the
+        engines (each gives the tokens it would alone); `options` as for generate(), without stream.
+        Returns the Replies in the prompts' order; the first failure raises once all have ended."""
+        done, outcomes = threading.Semaphore(0), {}
+        requests = [self.request(p, **options) for p in prompts]
+        for i, request in enumerate(requests):
+            def on_end(reply, error, i=i):
+                outcomes[i] = (reply, error)
+                done.release()
+            self.batched().submit(request, lambda piece: None, on_end)
+        for _ in requests:
+            done.acquire()
+        for _, error in (outcomes[i] for i in range(len(requests))):
+            if error is not None:
+                raise error
+        return [outcomes[i][0] for i in range(len(requests))]
 
     def batched(self) -> BatchedReplies:
         """Replies decoded together for concurrent callers (a server's requests): submit() them.

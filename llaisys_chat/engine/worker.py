@@ -27,7 +27,6 @@ from .collectives import MPIGroup
 from .engine import Batch, Engine
 from .stream_link import ClientLink
 
-
 # Replies a batch decodes at once (more wait their turn). Each takes a cache of its own, beyond the
 # engine's cache slots if need be (docs/benchmarks.md: 4 and 8 at once on 2 cores).
 BATCH_LIMIT = 8
