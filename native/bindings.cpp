@@ -294,10 +294,11 @@ PYBIND11_MODULE(_native, m) {
             py::gil_scoped_release nogil;
             return model.forward(cache, tokens, all_positions);
         }, py::arg("cache"), py::arg("tokens"), py::arg("all_positions") = false)
-        .def("forward_batch", [](Qwen2& model, std::vector<KVCache*> caches, std::vector<int32_t> tokens) {
+        .def("forward_batch", [](Qwen2& model, std::vector<KVCache*> caches, std::vector<std::vector<int32_t>> tokens) {
             py::gil_scoped_release nogil;
             return model.forward_batch(caches, tokens);
         }, py::arg("caches"), py::arg("tokens"))
+        .def_property_readonly_static("batch_tokens", [](py::object) { return Qwen2::kChunkTokens; })
         .def_property_readonly("weight_bytes", &Qwen2::weight_bytes)
         .def_property_readonly("decode_bytes", &Qwen2::decode_bytes);
 }

@@ -355,22 +355,33 @@ Tensor Qwen2::forward(KVCache& cache, const std::vector<int32_t>& tokens, bool a
     return logits;
 }
 
-Tensor Qwen2::forward_batch(const std::vector<KVCache*>& caches, const std::vector<int32_t>& tokens) {
-    const int64_t B = static_cast<int64_t>(tokens.size());
+Tensor Qwen2::forward_batch(const std::vector<KVCache*>& caches, const std::vector<std::vector<int32_t>>& tokens) {
+    const int64_t B = static_cast<int64_t>(caches.size());
     begin_step();
-    LLAISYS_CHECK(B > 0 && B <= kChunkTokens, "forward_batch takes 1 to 256 sequences");
-    LLAISYS_CHECK(static_cast<int64_t>(caches.size()) == B, "forward_batch: one token per cache");
+    LLAISYS_CHECK(B > 0 && static_cast<int64_t>(tokens.size()) == B, "forward_batch: one token list per cache");
     std::vector<Segment> segments;
+    int64_t M = 0;
     for (int64_t b = 0; b < B; ++b) {
         for (int64_t c = 0; c < b; ++c) LLAISYS_CHECK(caches[c] != caches[b], "forward_batch: a cache appears twice");
-        check_cache(*caches[b], 1);
-        segments.push_back({caches[b], b, 1, static_cast<int64_t>(caches[b]->tokens.size())});
+        const int64_t n = static_cast<int64_t>(tokens[b].size());
+        LLAISYS_CHECK(n > 0, "forward_batch: every sequence needs a token");
+        check_cache(*caches[b], n);
+        segments.push_back({caches[b], M, n, static_cast<int64_t>(caches[b]->tokens.size())});
+        M += n;
     }
-    Workspace& ws = workspace(B);
-    std::memcpy(ws.ids.base, tokens.data(), B * sizeof(int32_t));
+    LLAISYS_CHECK(M <= kChunkTokens, "forward_batch takes at most " + std::to_string(kChunkTokens) + " tokens in all");
+    Workspace& ws = workspace(M);
+    for (int64_t b = 0; b < B; ++b)
+        std::memcpy(ws.ids.data<int32_t>() + segments[b].row, tokens[b].data(), segments[b].rows * sizeof(int32_t));
     run_chunk(ws, segments);
+    // Each sequence's last position, gathered (the residual rows are free once the chunk has run).
+    const int64_t D = config_.hidden_size;
+    Tensor last = ws_.partial.slice(0, 0, B);
+    for (int64_t b = 0; b < B; ++b)
+        std::memcpy(last.data<float>() + b * D, ws.x.data<float>() + (segments[b].row + segments[b].rows - 1) * D,
+                    D * sizeof(float));
     Tensor logits = Tensor::empty({B, shard_.vocab_end - shard_.vocab_begin}, DType::F32);
-    logits_of(logits, ws.x);
+    logits_of(logits, last);
     return logits;
 }
 

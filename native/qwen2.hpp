@@ -96,10 +96,13 @@ class Qwen2 {
     // Runs `tokens` after those already in the cache, appends them to it, and returns the logits
     // of this shard's vocabulary rows: [1, V_l] for the last position, or [M, V_l] for all.
     Tensor forward(KVCache& cache, const std::vector<int32_t>& tokens, bool all_positions);
-    // One decode step of several sequences at once: tokens[b] continues caches[b] (all different).
-    // The weights are read once for all of them; each attends to its own cache. Returns [B, V_l]
-    // logits, row b the same as forward(*caches[b], {tokens[b]}) would give.
-    Tensor forward_batch(const std::vector<KVCache*>& caches, const std::vector<int32_t>& tokens);
+    // Several sequences at once: tokens[b] continues caches[b] (all different), a decode step's one
+    // token or a prompt's, up to kChunkTokens in all. The weights are read once for all of them;
+    // each attends to its own cache. Returns [B, V_l]: row b holds the logits of sequence b's last
+    // position, the same as forward(*caches[b], tokens[b]) would give.
+    Tensor forward_batch(const std::vector<KVCache*>& caches, const std::vector<std::vector<int32_t>>& tokens);
+
+    static constexpr int64_t kChunkTokens = 256;  // rows of activations computed at once
 
     const Qwen2Config& config() const { return config_; }
     const Shard& shard() const { return shard_; }
@@ -109,7 +112,6 @@ class Qwen2 {
   private:
     // Activations of one chunk of tokens. Buffers are allocated once for kChunkTokens rows and
     // reused: allocations this large would otherwise come fresh from mmap and fault on every call.
-    static constexpr int64_t kChunkTokens = 256;
     struct Workspace {
         Tensor x;        // [M, D] the residual stream
         Tensor h;        // [M, D] normalised input of a block

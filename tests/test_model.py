@@ -176,10 +176,17 @@ def test_a_batched_step_gives_each_sequence_what_it_gets_alone(tiny_models, tmp_
     caches = [model.new_cache(32) for _ in prompts]
     for cache, prompt in zip(caches, prompts):
         model.forward(cache, prompt)
-    together = model.forward_batch(caches, [9] * len(prompts))
+    together = model.forward_batch(caches, [[9]] * len(prompts))
     assert together.shape[0] == len(prompts)
     for row, expected, cache, prompt in zip(together, alone, caches, prompts):
         assert np.array_equal(row, expected)  # bit for bit: batching must not change anyone's tokens
         assert list(cache.tokens) == prompt + [9]
     with pytest.raises(RuntimeError, match="appears twice"):
-        model.forward_batch([caches[0], caches[0]], [1, 2])
+        model.forward_batch([caches[0], caches[0]], [[1], [2]])
+    # Prompts too share a pass with decode steps: each sequence's last position, as alone.
+    fresh = [model.new_cache(32) for _ in prompts]
+    model.forward(fresh[0], prompts[0])
+    mixed = model.forward_batch(fresh, [[9], *prompts[1:]])
+    assert np.array_equal(mixed[0], alone[0])
+    for row, cache, prompt in zip(mixed[1:], fresh[1:], prompts[1:]):
+        assert np.array_equal(row, model.forward(model.new_cache(32), prompt)[0])

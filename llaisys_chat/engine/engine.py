@@ -205,8 +205,15 @@ class Generation:
 
     def prefill(self) -> np.ndarray:
         """Compute the prompt (what the cache does not hold of it); returns the logits of the first step."""
+        return self.end_prefill(self.engine.model.forward(self.cache, self.begin_prefill())[0])
+
+    def begin_prefill(self) -> list[int]:
+        """Ready the cache for the prompt; returns the prompt ids it does not hold, to compute."""
         self._start = time.perf_counter()
-        logits = self._prefill()[0]
+        return self._prompt_to_compute()
+
+    def end_prefill(self, logits: np.ndarray) -> np.ndarray:
+        """The prompt has been computed (with these logits of its last position)."""
         self.stats.prefill_seconds = time.perf_counter() - self._start
         return logits
 
@@ -250,8 +257,8 @@ class Generation:
         rest, self._emitted = self.text[self._emitted:], max(self._emitted, len(self.text))
         return rest
 
-    def _prefill(self):
-        """Reuse what the cache holds of the prompt and compute the rest. The cache may hold the
+    def _prompt_to_compute(self) -> list[int]:
+        """Reuse what the cache holds of the prompt; returns the rest. The cache may hold the
         prompt's start, or (once a long conversation's oldest messages were let go) its start, then
         the dropped messages, then the prompt's continuation: the dropped span is taken out of it."""
         cached = self.cache.tokens
@@ -263,14 +270,16 @@ class Generation:
             keep = _common_prefix(self.cache.tokens, prompt[:len(prompt) - 1])
         self.cache.truncate(keep)
         self.stats.cached_tokens = keep
-        return self.engine.model.forward(self.cache, self.prompt_ids[keep:])
+        return self.prompt_ids[keep:]
 
 
 class Batch:
-    """Replies decoded together. Each step reads the weights once for all running replies
-    (forward_batch), then each chooses its token; a reply gives the same tokens as it would alone.
-    Replies wait in arrival order for one of `max_running` places, and start (prefill) at the next step.
-    Every rank must add the same replies in the same order: steps are collectives."""
+    """Replies decoded together. Each step is one forward pass for all of them: every running reply's
+    new token and the prompts of replies starting (up to the model's batch_tokens in all), so the
+    weights are read once; then each running reply chooses its next token. A reply gives the same
+    tokens as it would alone. Replies wait in arrival order for one of `max_running` places; a prompt
+    too long to share a step is computed alone first. Every rank must add the same replies in the
+    same order: steps are collectives."""
 
     def __init__(self, engine: Engine, max_running: int):
         self.engine, self.max_running = engine, max_running
@@ -289,17 +298,27 @@ class Batch:
         return frozenset(r.cache_key for r in (*self._waiting, *self._running))
 
     def step(self) -> list[tuple[Generation, int | None, str]]:
-        """Collective: start waiting replies while there is room, then one token for every running
-        reply. Returns (reply, token or None, text piece) for each; finished replies leave the batch."""
+        """Collective: a token for every running reply that has its logits, then the forward pass
+        of the next step. Returns (reply, token or None, text piece) for each reply that chose;
+        finished replies leave the batch."""
+        model = self.engine.model
+        events = [(run, *run.step(self._logits.pop(run))) for run in self._running if run in self._logits]
+        self._running = [run for run in self._running if not run.finished]
+        rows = [(run, [run.tokens[-1]]) for run in self._running if run not in self._logits]
+        room = model.batch_tokens - len(rows)
         while self._waiting and len(self._running) < self.max_running:
             run = self._waiting.popleft()
-            self._logits[run] = run.prefill()
             self._running.append(run)
-        events = [(run, *run.step(self._logits.pop(run))) for run in self._running]
-        self._running = [run for run in self._running if not run.finished]
-        if self._running:
-            logits = self.engine.model.forward_batch([r.cache for r in self._running], [r.tokens[-1] for r in self._running])
-            self._logits = dict(zip(self._running, logits))
+            prompt = run.begin_prefill()
+            if len(prompt) <= room:
+                rows.append((run, prompt))
+                room -= len(prompt)
+            else:  # alone, in chunks
+                self._logits[run] = run.end_prefill(model.forward(run.cache, prompt)[0])
+        if rows:
+            logits = model.forward_batch([run.cache for run, _ in rows], [ids for _, ids in rows])
+            for (run, ids), row in zip(rows, logits):
+                self._logits[run] = row if run.tokens else run.end_prefill(row)
         return events
 
 
