@@ -92,7 +92,7 @@ class Worker:
         engine = self._engine()
         rank0 = engine.group.rank == 0
         self.stop_requested = rank0 and not self.link.open(requests[0].stream_to, requests[0].stream_token)
-        batch, leads, stopped, arrived = Batch(engine, BATCH_LIMIT), {}, set(), list(requests)
+        batch, ids, leads, stopped, arrived = Batch(engine, BATCH_LIMIT), {}, {}, set(), list(requests)
         while True:
             joins, stops = engine.group.bcast(self._batch_news(arrived) if rank0 else None)
             arrived = []
@@ -107,7 +107,7 @@ class Worker:
                     if rank0:
                         self._send(done_message(request.id, error=str(e)))
                     continue
-                run.request_id, leads[run] = request.id, _reasoning_lead(run)
+                ids[run], leads[run] = request.id, _reasoning_lead(run)
                 batch.add(run)
             if not batch:
                 return None
@@ -116,9 +116,9 @@ class Worker:
                     continue
                 text = leads.pop(run, "") + piece  # the lead goes with the first step
                 if text:
-                    self._send(piece_message(run.request_id, text))
+                    self._send(piece_message(ids[run], text))
                 if run.finished:
-                    self._send(done_message(run.request_id, stats=run.stats.to_dict(), new_ids=run.tokens))
+                    self._send(done_message(ids.pop(run), stats=run.stats.to_dict(), new_ids=run.tokens))
 
     def _batch_news(self, arrived: list[ReplyRequest]) -> tuple[list[ReplyRequest], list[str]]:
         """Rank 0, between batch steps: the requests that arrived (on the link, or with the call)
