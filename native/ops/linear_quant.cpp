@@ -2,10 +2,11 @@
 //
 // Weights hold unsigned integers (Q4: 0-15, Q5: 0-31, Q6: 0-63) or signed ones (Q8), 8 rows to a
 // 256-bit register, 4 consecutive k per row; an activation quad is broadcast to all rows. Unsigned
-// values multiply signed activations directly (maddubs), and the format's offset comes out through
-// the activation block's sum: sum((q - o) x) = sum(q x) - o sum(x). Signed Q8 values use the
-// sign trick (|w| times x with w's sign). 16-bit pair sums are added as long as they cannot
-// overflow, then widened once. Each sub-block's integer sum turns into f32 with the row scales.
+// values multiply signed activations directly (u8 x s8 products), and the format's offset comes out
+// through the activation block's sum: sum((q - o) x) = sum(q x) - o sum(x). Signed Q8 values use
+// the sign trick (|w| times x with w's sign). The products are summed by VNNI's dpbusd where the CPU
+// has it, else by AVX2's maddubs (ByteDots). Each sub-block's integer sum turns into f32 with the
+// row scales. Integer sums are exact either way, so both give bit-identical results.
 #include <array>
 #include <cstring>
 #include <utility>
@@ -36,6 +37,29 @@ inline __m256i quad(const ActivationBlock* a, int step) {
 }
 
 inline __m256i widen(__m256i pairs16) { return _mm256_madd_epi16(pairs16, _mm256_set1_epi16(1)); }
+
+// Sums of u8 x s8 products, 4 to each 32-bit lane. With VNNI each add() is one dpbusd into 32 bits.
+// Without, maddubs' 16-bit pair sums gather in 16 bits until flush() widens them: the caller flushes
+// before they could overflow (the bound depends on the format's value range), and no pair sum
+// saturates (|w| <= 128 and |x| <= 127 give at most 32512).
+struct ByteDots {
+    __m256i sum = _mm256_setzero_si256();  // 32-bit lanes, complete after flush()
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    void add(__m256i u8, __m256i s8) { sum = _mm256_dpbusd_epi32(sum, u8, s8); }
+    void flush() {}
+#elif defined(__AVXVNNI__)
+    void add(__m256i u8, __m256i s8) { sum = _mm256_dpbusd_avx_epi32(sum, u8, s8); }
+    void flush() {}
+#else
+    __m256i pairs = _mm256_setzero_si256();
+    void add(__m256i u8, __m256i s8) { pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(u8, s8)); }
+    void flush() {
+        sum = _mm256_add_epi32(sum, widen(pairs));
+        pairs = _mm256_setzero_si256();
+    }
+#endif
+};
+
 inline __m256i low_nibbles(__m256i v) { return _mm256_and_si256(v, _mm256_set1_epi8(0x0F)); }
 inline __m256i high_nibbles(__m256i v) { return _mm256_and_si256(_mm256_srli_epi16(v, 4), _mm256_set1_epi8(0x0F)); }
 
@@ -43,26 +67,32 @@ inline __m256i high_nibbles(__m256i v) { return _mm256_and_si256(_mm256_srli_epi
 // sub-block's first step (Q8) or pair (others) of this half.
 template <int MT>
 [[gnu::always_inline]] inline void dot_q8(const std::byte* values, const ActivationBlock* const* x, __m256i* out) {
-    for (int m = 0; m < MT; ++m) out[m] = _mm256_setzero_si256();
+    ByteDots dots[MT];
     for (int s = 0; s < 8; ++s) {
         const __m256i w = load32(values + s * 64), magnitude = _mm256_sign_epi8(w, w);
-        for (int m = 0; m < MT; ++m)
-            out[m] = _mm256_add_epi32(out[m], widen(_mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(quad(x[m], s), w))));
+        for (int m = 0; m < MT; ++m) {
+            dots[m].add(magnitude, _mm256_sign_epi8(quad(x[m], s), w));
+            dots[m].flush();  // two pair sums could overflow 16 bits
+        }
     }
+    for (int m = 0; m < MT; ++m) out[m] = dots[m].sum;
 }
 
 // 4-bit values: 8 steps of pair sums (at most 8 * 2 * 15 * 127) fit 16 bits.
 template <int MT>
 [[gnu::always_inline]] inline void dot_q4(const std::byte* pairs, const ActivationBlock* const* x, __m256i* out) {
-    __m256i sums[MT];
-    for (int m = 0; m < MT; ++m) sums[m] = _mm256_setzero_si256();
+    ByteDots dots[MT];
     for (int j = 0; j < 4; ++j) {
         const __m256i v = load32(pairs + j * 64), lo = low_nibbles(v), hi = high_nibbles(v);
-        for (int m = 0; m < MT; ++m)
-            sums[m] = _mm256_add_epi16(sums[m], _mm256_add_epi16(_mm256_maddubs_epi16(lo, quad(x[m], 2 * j)),
-                                                                 _mm256_maddubs_epi16(hi, quad(x[m], 2 * j + 1))));
+        for (int m = 0; m < MT; ++m) {
+            dots[m].add(lo, quad(x[m], 2 * j));
+            dots[m].add(hi, quad(x[m], 2 * j + 1));
+        }
     }
-    for (int m = 0; m < MT; ++m) out[m] = widen(sums[m]);
+    for (int m = 0; m < MT; ++m) {
+        dots[m].flush();
+        out[m] = dots[m].sum;
+    }
 }
 
 // Bit 4 of step s's values: bit s of the plane's bytes, moved to bit 4 (16-bit shifts: what crosses
@@ -76,20 +106,18 @@ inline __m256i plane_bit(__m256i plane, int s) {
 template <int MT>
 [[gnu::always_inline]] inline void dot_q5(const std::byte* pairs, const std::byte* plane, const ActivationBlock* const* x, __m256i* out) {
     const __m256i bits = load32(plane);
-    for (int m = 0; m < MT; ++m) out[m] = _mm256_setzero_si256();
-    for (int g = 0; g < 2; ++g) {
-        __m256i sums[MT];
-        for (int m = 0; m < MT; ++m) sums[m] = _mm256_setzero_si256();
-        for (int j = 2 * g; j < 2 * g + 2; ++j) {
-            const __m256i v = load32(pairs + j * 64);
-            const __m256i lo = _mm256_or_si256(low_nibbles(v), plane_bit(bits, 2 * j));
-            const __m256i hi = _mm256_or_si256(high_nibbles(v), plane_bit(bits, 2 * j + 1));
-            for (int m = 0; m < MT; ++m)
-                sums[m] = _mm256_add_epi16(sums[m], _mm256_add_epi16(_mm256_maddubs_epi16(lo, quad(x[m], 2 * j)),
-                                                                     _mm256_maddubs_epi16(hi, quad(x[m], 2 * j + 1))));
+    ByteDots dots[MT];
+    for (int j = 0; j < 4; ++j) {
+        const __m256i v = load32(pairs + j * 64);
+        const __m256i lo = _mm256_or_si256(low_nibbles(v), plane_bit(bits, 2 * j));
+        const __m256i hi = _mm256_or_si256(high_nibbles(v), plane_bit(bits, 2 * j + 1));
+        for (int m = 0; m < MT; ++m) {
+            dots[m].add(lo, quad(x[m], 2 * j));
+            dots[m].add(hi, quad(x[m], 2 * j + 1));
+            if (j % 2 == 1) dots[m].flush();
         }
-        for (int m = 0; m < MT; ++m) out[m] = _mm256_add_epi32(out[m], widen(sums[m]));
     }
+    for (int m = 0; m < MT; ++m) out[m] = dots[m].sum;
 }
 
 // The top 2 bits of step s' (0-3) of a Q6_K plane, at bits 4-5 of each byte.
@@ -111,22 +139,21 @@ template <int MT>
     for (int m = 0; m < MT; ++m) out[m] = _mm256_setzero_si256();
     for (int g = 0; g < 2; ++g) {
         const __m256i plane = load32(planes + g * 64);
-        __m256i sums[MT];
-        for (int m = 0; m < MT; ++m) sums[m] = _mm256_setzero_si256();
+        ByteDots dots[MT];
         for (int j = 2 * g; j < 2 * g + 2; ++j) {
             const __m256i v = load32(pairs + j * 64);
             const __m256i lo = _mm256_or_si256(low_nibbles(v), plane_bits(plane, 2 * (j - 2 * g)));
             const __m256i hi = _mm256_or_si256(high_nibbles(v), plane_bits(plane, 2 * (j - 2 * g) + 1));
-            __m256i pair[MT];
-            for (int m = 0; m < MT; ++m)
-                pair[m] = _mm256_add_epi16(_mm256_maddubs_epi16(lo, quad(x[m], 2 * j)),
-                                           _mm256_maddubs_epi16(hi, quad(x[m], 2 * j + 1)));
-            for (int m = 0; m < MT; ++m) sums[m] = _mm256_add_epi32(sums[m], widen(pair[m]));
+            for (int m = 0; m < MT; ++m) {
+                dots[m].add(lo, quad(x[m], 2 * j));
+                dots[m].add(hi, quad(x[m], 2 * j + 1));
+                dots[m].flush();
+            }
         }
         const __m256i scale = load_i8x8(scales + g * kPanel);
         for (int m = 0; m < MT; ++m) {
             const __m256i offset = _mm256_set1_epi32(32 * x[m]->sum[g]);
-            out[m] = _mm256_add_epi32(out[m], _mm256_mullo_epi32(_mm256_sub_epi32(sums[m], offset), scale));
+            out[m] = _mm256_add_epi32(out[m], _mm256_mullo_epi32(_mm256_sub_epi32(dots[m].sum, offset), scale));
         }
     }
 }
