@@ -3,9 +3,10 @@
 For each rank count it runs bench/mpi_decode.py under mpiexec (greedy, fixed prompt) with the exact
 (fixed-point, N-independent) and the fast (f32) all-reduce, times one decode step's collectives
 alone (bench/collectives.py), and repeats the 2-rank run with TCP forced (--mca btl self,tcp), a
-stand-in for ranks on different hosts.
+stand-in for ranks on different hosts. With several --weights types, all of that runs for each.
 
-    .venv/bin/python bench/tp_scaling.py --ranks 1 2 [--model demo] [--tokens 128] [--repetitions 3]
+    .venv/bin/python bench/tp_scaling.py --ranks 1 2 [--model demo] [--weights auto q8_0 q4_0 bf16]
+        [--tokens 128] [--repetitions 3]
 """
 import argparse
 import json
@@ -37,9 +38,10 @@ def memory_bandwidth(processes: int) -> str:
                           check=True).stdout.strip()
 
 
-def decode_run(n, model, tokens, repetitions, reduction, extra) -> dict:
+def decode_run(n, model, tokens, repetitions, reduction, weights, extra) -> dict:
     lines = [json.loads(line) for line in mpiexec(n, extra, HERE / "mpi_decode.py", model, PROMPT, tokens,
-                                                  repetitions + 1, reduction).splitlines() if line.startswith("{")]
+                                                  repetitions + 1, reduction, 1, weights).splitlines()
+             if line.startswith("{")]
     runs = lines[1:]  # the first reply warms caches and pages up
     return {"rate": statistics.median(r["decode_tokens_per_s"] for r in runs),
             "weights": max(r["weight_bytes"] for r in runs[-1]["ranks"]),
@@ -50,6 +52,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     p.add_argument("--model", default="demo")
+    p.add_argument("--weights", nargs="+", default=["auto"], help="weight types (auto: the file's own)")
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--repetitions", type=int, default=3)
     p.add_argument("--json", type=Path, help="also write the rows here")
@@ -57,25 +60,29 @@ def main():
     folder = resolve_model(args.model)
     config = ModelConfig.from_file(folder / "config.json")
     bandwidth = memory_bandwidth(max(args.ranks))
-    rows, records, base = [], [], None
+    rows, records = [], []
     runs = [(n, reduction, "shared memory", []) for n in args.ranks for reduction in ("exact", "fast")]
     if 2 in args.ranks:
         runs += [(2, "exact", "TCP", TCP)]
-    for n, reduction, transport, extra in runs:
-        result = decode_run(n, folder, args.tokens, args.repetitions, reduction, extra)
-        comm = json.loads(mpiexec(n, extra, HERE / "collectives.py", config.hidden_size, config.num_hidden_layers))
-        base = base or result["rate"]
-        step_us = 1e6 / result["rate"]
-        rows.append([n, reduction, transport, result["rate"], result["rate"] / base, result["weights"] / 2**20,
-                     result["rss"] / 2**20, comm[reduction], 100 * comm[reduction] / step_us])
-        records.append({"ranks": n, "reduction": reduction, "transport": transport, **result, "collectives_us": comm})
+    for weights in args.weights:
+        base = None
+        for n, reduction, transport, extra in runs:
+            result = decode_run(n, folder, args.tokens, args.repetitions, reduction, weights, extra)
+            comm = json.loads(mpiexec(n, extra, HERE / "collectives.py", config.hidden_size, config.num_hidden_layers))
+            base = base or result["rate"]
+            step_us = 1e6 / result["rate"]
+            rows.append([weights, n, reduction, transport, result["rate"], result["rate"] / base,
+                         result["weights"] / 2**20, result["rss"] / 2**20, comm[reduction], 100 * comm[reduction] / step_us])
+            records.append({"type": weights, "ranks": n, "reduction": reduction, "transport": transport, **result,
+                            "collectives_us": comm})
     print(f"Machine: {machine()}; model {args.model} ({folder.name}); 1 thread per rank; greedy, {args.tokens} new "
           f"tokens; medians of {args.repetitions}")
     print(f"Before: {bandwidth}. After: {memory_bandwidth(max(args.ranks))}.")
-    print(table(["ranks", "reduction", "transport", "decode tok/s", "speed-up vs 1 rank", "weights/rank MiB",
+    print(table(["weights", "ranks", "reduction", "transport", "decode tok/s", "speed-up vs 1 rank", "weights/rank MiB",
                  "RSS/rank MiB", "collectives us/token", "% of token time"], rows))
-    same = {json.dumps(r["tokens"]) for r in records if r["reduction"] == "exact"}
-    print(f"Exact reduction: {'identical' if len(same) == 1 else 'DIFFERENT'} tokens across all exact runs")
+    for weights in args.weights:
+        same = {json.dumps(r["tokens"]) for r in records if r["reduction"] == "exact" and r["type"] == weights}
+        print(f"{weights}, exact reduction: {'identical' if len(same) == 1 else 'DIFFERENT'} tokens across all runs")
     if args.json:
         args.json.write_text(json.dumps(records, indent=1))
 
