@@ -1,6 +1,9 @@
+#include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <immintrin.h>
 #include <limits>
+#include <vector>
 
 #include "../ops.hpp"
 #include "rows.hpp"
@@ -17,6 +20,25 @@ constexpr int kLanes = 8;
 typedef float f32xL __attribute__((vector_size(kLanes * 4)));
 typedef uint32_t u32xL __attribute__((vector_size(kLanes * 4)));
 typedef uint16_t u16xL __attribute__((vector_size(kLanes * 2)));
+typedef int32_t int32xL __attribute__((vector_size(kLanes * 4)));
+
+// a * b + c, rounded once. Explicit, so that every path below makes the same roundings whatever the
+// compiler would contract.
+inline f32xL fused(f32xL a, f32xL b, f32xL c) {
+#if defined(__AVX512F__)
+    return (f32xL)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+#else
+    return (f32xL)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+#endif
+}
+
+inline f32xL splat(float x) {
+#if defined(__AVX512F__)
+    return (f32xL)_mm512_set1_ps(x);
+#else
+    return (f32xL)_mm256_set1_ps(x);
+#endif
+}
 
 // kLanes cache elements widened to f32 (bf16 is a 16-bit shift; f16 goes through the scalar path).
 template <class T>
@@ -48,7 +70,7 @@ inline float dot(const float* q, const T* k, int64_t d, DType dtype) {
         for (; i + kLanes <= d; i += kLanes) {
             f32xL qv;
             std::memcpy(&qv, q + i, sizeof qv);
-            acc += qv * load_lanes(k + i);
+            acc = fused(qv, load_lanes(k + i), acc);
         }
         for (int lane = 0; lane < kLanes; ++lane) total += acc[lane];
     }
@@ -64,43 +86,180 @@ inline void axpy(float* acc, float weight, const T* v, int64_t d, DType dtype) {
         for (; i + kLanes <= d; i += kLanes) {
             f32xL a;
             std::memcpy(&a, acc + i, sizeof a);
-            a += weight * load_lanes(v + i);
+            a = fused(splat(weight), load_lanes(v + i), a);
             std::memcpy(acc + i, &a, sizeof a);
         }
     }
     for (; i < d; ++i) acc[i] += weight * widen(v[i], dtype);
 }
 
+// e^x for x <= 0, kLanes at a time (Cephes' polynomial, within 2 ulp): glibc's scalar expf took
+// most of a prefill's attention. Below -87, e^x (< 2e-38) is flushed to about that.
+inline f32xL exp_lanes(f32xL x) {
+    const f32xL low = splat(-87.0f);
+    x = x < low ? low : x;
+    const f32xL t = x * 1.44269504088896341f + 0.5f;
+    f32xL n = __builtin_convertvector(__builtin_convertvector(t, int32xL), f32xL);  // toward zero
+    n = n > t ? n - 1.0f : n;                                                         // floor(t)
+    const f32xL r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    f32xL p = splat(1.9875691500e-4f);
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const int32xL scale = (__builtin_convertvector(n, int32xL) + 127) << 23;
+    f32xL two_n;
+    std::memcpy(&two_n, &scale, sizeof two_n);
+    return p * two_n;
+}
+
+// scores[0, n) <- softmax(scores * scale), kLanes at a time; the last, partial vector is padded
+// with the lowest score (its lanes add nothing). `scores` has room for whole vectors.
+inline void softmax(float* scores, int64_t n, float scale) {
+    const int64_t padded = (n + kLanes - 1) / kLanes * kLanes;
+    f32xL top = splat(-std::numeric_limits<float>::infinity());
+    for (int64_t j = 0; j < padded; j += kLanes) {
+        f32xL s;
+        std::memcpy(&s, scores + j, sizeof s);
+        s *= scale;
+        std::memcpy(scores + j, &s, sizeof s);
+        if (j + kLanes > n)
+            for (int64_t lane = n - j; lane < kLanes; ++lane) s[lane] = -std::numeric_limits<float>::infinity();
+        top = s > top ? s : top;
+    }
+    float max_score = top[0];
+    for (int lane = 1; lane < kLanes; ++lane) max_score = std::max(max_score, top[lane]);
+    f32xL sum = {};
+    for (int64_t j = 0; j < padded; j += kLanes) {
+        f32xL s;
+        std::memcpy(&s, scores + j, sizeof s);
+        s = exp_lanes(s - max_score);
+        if (j + kLanes > n)
+            for (int64_t lane = n - j; lane < kLanes; ++lane) s[lane] = 0.0f;
+        std::memcpy(scores + j, &s, sizeof s);
+        sum += s;
+    }
+    float total = 0.0f;
+    for (int lane = 0; lane < kLanes; ++lane) total += sum[lane];
+    for (int64_t j = 0; j < padded; j += kLanes) {
+        f32xL s;
+        std::memcpy(&s, scores + j, sizeof s);
+        s /= total;
+        std::memcpy(scores + j, &s, sizeof s);
+    }
+}
+
+// One query's attention: scores against keys [0, n_keys), softmax, then the weighted sum of values.
+// `score(n, s)` sets s[j] = q . k_j; `add_values(n, weights)` sets acc = sum_j weights[j] v_j.
+template <class Score, class AddValues>
+void attend_query(int64_t n_keys, float scale, std::vector<float>& scores, Score score, AddValues add_values) {
+    score(n_keys, scores.data());
+    softmax(scores.data(), n_keys, scale);
+    add_values(n_keys, scores.data());
+}
+
+// A key/value head widened to f32 once for all the queries of a prefill. Keys are transposed in
+// blocks of kLanes keys (keys[b * d + i] holds dimension i of keys b*kLanes ..), so a query's scores
+// for kLanes keys come out of kLanes-wide products with no horizontal sum per key.
+struct WidenedHead {
+    std::vector<f32xL> keys;    // [ceil(n / kLanes) * d], zeros past the last key
+    std::vector<float> values;  // [n * d]
+};
+
+template <class T>
+void widen_head(WidenedHead& out, const T* k, const T* v, int64_t n, int64_t d, int64_t pos_stride, DType dtype) {
+    const int64_t blocks = (n + kLanes - 1) / kLanes;
+    out.keys.assign(blocks * d, f32xL{});
+    out.values.resize(n * d);
+    for (int64_t j = 0; j < n; ++j) {
+        f32xL* block = out.keys.data() + (j / kLanes) * d;
+        for (int64_t i = 0; i < d; ++i) {
+            block[i][j % kLanes] = widen(k[j * pos_stride + i], dtype);
+            out.values[j * d + i] = widen(v[j * pos_stride + i], dtype);
+        }
+    }
+}
+
+// Scores of one query against a widened head: the per-key dot()'s operations in its order (lane l
+// of the kLanes partial sums takes dimensions l, l + kLanes, ..., then the lanes are added in turn),
+// kLanes keys at a time, so the results are bit-identical to it.
+inline void widened_scores(const float* q, const WidenedHead& head, int64_t d, int64_t n_keys, float* scores) {
+    for (int64_t b = 0; b * kLanes < n_keys; ++b) {
+        const f32xL* keys = head.keys.data() + b * d;
+        f32xL partial[kLanes] = {};
+        for (int64_t i = 0; i < d; i += kLanes)
+            for (int lane = 0; lane < kLanes; ++lane) partial[lane] = fused(splat(q[i + lane]), keys[i + lane], partial[lane]);
+        f32xL total = {};
+        for (int lane = 0; lane < kLanes; ++lane) total += partial[lane];
+        const int64_t n = std::min<int64_t>(kLanes, n_keys - b * kLanes);
+        for (int64_t j = 0; j < n; ++j) scores[b * kLanes + j] = total[j];
+    }
+}
+
+// acc = sum_j weights[j] v_j over a widened head, in axpy()'s operations and order.
+inline void widened_values(const WidenedHead& head, int64_t d, int64_t n_keys, const float* weights, float* acc) {
+    constexpr int64_t kChunk = 8 * kLanes;  // accumulators held in registers at a time
+    for (int64_t c0 = 0; c0 < d; c0 += kChunk) {
+        const int64_t vectors = std::min(kChunk, d - c0) / kLanes;
+        f32xL a[8] = {};
+        for (int64_t j = 0; j < n_keys; ++j) {
+            const float* v = head.values.data() + j * d + c0;
+            for (int64_t x = 0; x < vectors; ++x) {
+                f32xL vx;
+                std::memcpy(&vx, v + x * kLanes, sizeof vx);
+                a[x] = fused(splat(weights[j]), vx, a[x]);
+            }
+        }
+        std::memcpy(acc + c0, a, vectors * sizeof(f32xL));
+    }
+}
+
+// From this many queries on (prefill), heads are widened once per call; fewer (decode) read the
+// cache directly. Both give the same bits.
+constexpr int64_t kWidenFrom = 8;
+
 template <class T>
 void attend(Tensor& out, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
             const std::vector<int64_t>& kv_head_of, int64_t n_past, float scale) {
-    const int64_t M = q.size(0), H = q.size(1), d = q.size(2);
+    const int64_t M = q.size(0), H = q.size(1), d = q.size(2), H_kv = k_cache.size(0);
     const DType dtype = k_cache.dtype;
     const T* keys = k_cache.data<T>();
     const T* vals = v_cache.data<T>();
     const int64_t head_stride = k_cache.strides[0], pos_stride = k_cache.strides[1];
+    const bool widened = M >= kWidenFrom && dtype != DType::F16 && d % kLanes == 0;
+    std::vector<WidenedHead> heads(widened ? H_kv : 0);
 #pragma omp parallel
     {
-        std::vector<float> scores(n_past + M), qs, acc(d);
+        if (widened) {
+#pragma omp for schedule(static)
+            for (int64_t kv = 0; kv < H_kv; ++kv)
+                widen_head(heads[kv], keys + kv * head_stride, vals + kv * head_stride, n_past + M, d, pos_stride, dtype);
+        }
+        std::vector<float> scores(n_past + M + kLanes), qs, acc(d);
 #pragma omp for schedule(static) collapse(2)
         for (int64_t h = 0; h < H; ++h) {
             for (int64_t m = 0; m < M; ++m) {
                 const float* qr = row_f32(q, m * H + h, qs);
-                const T* kh = keys + kv_head_of[h] * head_stride;
-                const T* vh = vals + kv_head_of[h] * head_stride;
-                int64_t n_keys = n_past + m + 1;  // causal: up to its own position
-                float max_score = -std::numeric_limits<float>::infinity();
-                for (int64_t j = 0; j < n_keys; ++j) {
-                    scores[j] = dot(qr, kh + j * pos_stride, d, dtype) * scale;
-                    max_score = std::max(max_score, scores[j]);
+                const int64_t n_keys = n_past + m + 1;  // causal: up to its own position
+                if (widened) {
+                    const WidenedHead& head = heads[kv_head_of[h]];
+                    attend_query(n_keys, scale, scores,
+                                 [&](int64_t n, float* s) { widened_scores(qr, head, d, n, s); },
+                                 [&](int64_t n, const float* w) { widened_values(head, d, n, w, acc.data()); });
+                } else {
+                    const T* kh = keys + kv_head_of[h] * head_stride;
+                    const T* vh = vals + kv_head_of[h] * head_stride;
+                    attend_query(n_keys, scale, scores,
+                                 [&](int64_t n, float* s) {
+                                     for (int64_t j = 0; j < n; ++j) s[j] = dot(qr, kh + j * pos_stride, d, dtype);
+                                 },
+                                 [&](int64_t n, const float* w) {
+                                     std::fill(acc.begin(), acc.end(), 0.0f);
+                                     for (int64_t j = 0; j < n; ++j) axpy(acc.data(), w[j], vh + j * pos_stride, d, dtype);
+                                 });
                 }
-                float total = 0.0f;
-                for (int64_t j = 0; j < n_keys; ++j) {
-                    scores[j] = std::exp(scores[j] - max_score);
-                    total += scores[j];
-                }
-                std::fill(acc.begin(), acc.end(), 0.0f);
-                for (int64_t j = 0; j < n_keys; ++j) axpy(acc.data(), scores[j] / total, vh + j * pos_stride, d, dtype);
                 store_row(out, m * H + h, acc.data());
             }
         }
