@@ -120,7 +120,8 @@ def test_rope(dtype, M, H, d, theta):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("M,H,H_kv,d,n_past,capacity", [(1, 2, 1, 8, 0, 4), (4, 4, 2, 16, 3, 10), (6, 6, 3, 8, 0, 6), (1, 14, 2, 64, 20, 32)])
+@pytest.mark.parametrize("M,H,H_kv,d,n_past,capacity", [(1, 2, 1, 8, 0, 4), (4, 4, 2, 16, 3, 10), (6, 6, 3, 8, 0, 6), (1, 14, 2, 64, 20, 32),
+                                                          (9, 2, 1, 16, 0, 9), (12, 4, 2, 64, 5, 24)])
 def test_self_attention(dtype, M, H, H_kv, d, n_past, capacity):
     from reference import attention
 
@@ -137,6 +138,24 @@ def test_self_attention(dtype, M, H, H_kv, d, n_past, capacity):
     _native.self_attention(out, q, k_cache, v_cache, [h // group for h in range(H)], n_past, 1 / np.sqrt(d))
     expected = attention(values(q), values(k_cache[:, :T]).transpose(1, 0, 2), values(v_cache[:, :T]).transpose(1, 0, 2), n_past)
     assert_close(out, expected, dtype)
+
+
+@pytest.mark.parametrize("dtype", ["f32", "bf16"])
+@pytest.mark.parametrize("d", [16, 64])
+def test_self_attention_bits_do_not_depend_on_the_call(dtype, d):
+    """A prefill's queries (many per call: heads widened once) give the very bits they give one per
+    call (decode), so a prompt's keys are the same whether it came alone, in chunks or batched."""
+    r = rng(d)
+    M, H, H_kv, n_past = 20, 4, 2, 3
+    k_cache, v_cache = (stored(r.standard_normal((H_kv, n_past + M, d)).astype(np.float32), dtype) for _ in range(2))
+    q = stored(r.standard_normal((M, H, d)).astype(np.float32), dtype)
+    heads = [h // 2 for h in range(H)]
+    together = empty((M, H, d), dtype)
+    _native.self_attention(together, q, k_cache, v_cache, heads, n_past, 0.125)
+    for m in range(M):
+        alone = empty((1, H, d), dtype)
+        _native.self_attention(alone, q[m:m + 1], k_cache, v_cache, heads, n_past + m, 0.125)
+        np.testing.assert_array_equal(alone[0], together[m])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
