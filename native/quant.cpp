@@ -2,6 +2,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <immintrin.h>
 #include <string>
 
 namespace llaisys::quant {
@@ -150,19 +151,33 @@ void quantize_row(DType type, const float* src, std::byte* dst, int64_t n) {
 
 void quantize_activations(const float* x, ActivationBlock* out, int64_t n) {
     LLAISYS_CHECK(n % 32 == 0, "quantize_activations: whole blocks of 32 only");
+    const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     for (int64_t b = 0; b < n / 32; ++b, x += 32) {
-        float amax = 0.0f;
-        for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(x[i]));
-        const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
-        ActivationBlock& block = out[b];
-        block.d = d;
-        int sums[2] = {0, 0};
-        for (int i = 0; i < 32; ++i) {
-            block.q[i] = static_cast<int8_t>(std::nearbyint(x[i] * id));
-            sums[i / 16] += block.q[i];
+        __m256 v[4], amax = _mm256_setzero_ps();
+        for (int i = 0; i < 4; ++i) {
+            v[i] = _mm256_loadu_ps(x + 8 * i);
+            amax = _mm256_max_ps(amax, _mm256_and_ps(v[i], magnitude));
         }
-        block.sum[0] = static_cast<int16_t>(sums[0]);
-        block.sum[1] = static_cast<int16_t>(sums[1]);
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        const float d = _mm_cvtss_f32(m4) / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+        // x * id rounded to the nearest integer, ties to even (as nearbyint in the default mode).
+        __m256i q[4];
+        for (int i = 0; i < 4; ++i) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], _mm256_set1_ps(id)));
+        const __m256i q8 = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+        // The packs work within 128-bit lanes: 4-byte groups come out in the order 0 2 4 6 1 3 5 7.
+        const __m256i bytes = _mm256_permutevar8x32_epi32(q8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        ActivationBlock& block = out[b];
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(block.q), bytes);
+        block.d = d;
+        for (int half = 0; half < 2; ++half) {
+            const __m256i sum8 = _mm256_add_epi32(q[2 * half], q[2 * half + 1]);
+            __m128i s = _mm_add_epi32(_mm256_castsi256_si128(sum8), _mm256_extracti128_si256(sum8, 1));
+            s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
+            s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
+            block.sum[half] = static_cast<int16_t>(_mm_cvtsi128_si32(s));
+        }
     }
 }
 

@@ -284,14 +284,12 @@ void linear(Tensor& out, const Tensor& x, const PackedWeight& w, const Tensor* b
         to_f32(b.data(), bias->base, bias->dtype, w.n_out);
     }
     const int64_t k_all = (w.n_in + 1) / 2 * 2;  // every part's whole k range in one block
+    const float* bias_f32 = b.empty() ? nullptr : b.data();
     for_each_tile(x, w, k_all, [&](int64_t m0, int64_t mt, int64_t col0, int64_t ncols, const float* tile, int64_t ld) {
+        float row[kMaxPanels * kPanel];  // one token's columns of the tile, biased
         for (int64_t m = 0; m < mt; ++m) {
-            std::byte* dst = row_ptr(out, m0 + m);
-            for (int64_t c = 0; c < ncols; ++c) {
-                float v = tile[m * ld + c] + (b.empty() ? 0.0f : b[col0 + c]);
-                if (out.dtype == DType::F32) reinterpret_cast<float*>(dst)[col0 + c] = v;
-                else from_f32(dst + (col0 + c) * block_bytes(out.dtype), out.dtype, &v, 1);
-            }
+            for (int64_t c = 0; c < ncols; ++c) row[c] = tile[m * ld + c] + (bias_f32 ? bias_f32[col0 + c] : 0.0f);
+            from_f32(row_ptr(out, m0 + m) + col0 * block_bytes(out.dtype), out.dtype, row, ncols);
         }
     });
 }
