@@ -1,6 +1,7 @@
 // A plain strided tensor: dtype, shape, strides and a shared byte buffer. Views share the buffer.
 #pragma once
 
+#include <bit>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -61,9 +62,17 @@ constexpr size_t kHugePage = size_t{2} << 20;
 // small pages, so that only the positions in use take memory.
 void prefer_huge_pages(const Tensor& t);
 
-// Element conversions shared by every op: bf16/f16 are widened to f32 for arithmetic.
-float bf16_to_f32(uint16_t bits);
-uint16_t f32_to_bf16(float value);  // round to nearest even
+// Element conversions shared by every op: bf16/f16 are widened to f32 for arithmetic. The bf16 ones
+// are inline so that loops over them vectorize.
+inline float bf16_to_f32(uint16_t bits) { return std::bit_cast<float>(static_cast<uint32_t>(bits) << 16); }
+
+inline uint16_t f32_to_bf16(float value) {  // round to nearest even
+    uint32_t u = std::bit_cast<uint32_t>(value);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);  // quiet NaN
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return static_cast<uint16_t>(u >> 16);
+}
+
 float f16_to_f32(uint16_t bits);
 uint16_t f32_to_f16(float value);   // round to nearest even
 
