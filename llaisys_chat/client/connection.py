@@ -74,8 +74,8 @@ class ClusterClient:
         """Replies to several prompts (strings or message lists) at once, decoded together on the
         engines (each gives the tokens it would alone); `options` as for generate(), without stream.
         Returns the Replies in the prompts' order; the first failure raises once all have ended."""
-        done, outcomes = threading.Semaphore(0), {}
         requests = [self.request(p, **options) for p in prompts]
+        done, outcomes = threading.Semaphore(0), [None] * len(requests)  # (reply, error) by position
         for i, request in enumerate(requests):
             def on_end(reply, error, i=i):
                 outcomes[i] = (reply, error)
@@ -83,10 +83,10 @@ class ClusterClient:
             self.batched().submit(request, lambda piece: None, on_end)
         for _ in requests:
             done.acquire()
-        for _, error in (outcomes[i] for i in range(len(requests))):
+        for _, error in outcomes:
             if error is not None:
                 raise error
-        return [outcomes[i][0] for i in range(len(requests))]
+        return [reply for reply, _ in outcomes]
 
     def batched(self) -> BatchedReplies:
         """Replies decoded together for concurrent callers (a server's requests): submit() them.

@@ -123,10 +123,8 @@ class Engine:
             params = dataclasses.replace(params, seed=self.group.bcast(random.getrandbits(63)))
         if cache_key is None:
             cache_key = self._pooled_cache_key(prompt_ids, busy)
-        run = Generation(self, list(prompt_ids), params, max_new_tokens, tuple(stop), self._cache(cache_key, busy),
-                         should_stop or (lambda: False))
-        run.cache_key = cache_key
-        return run
+        return Generation(self, list(prompt_ids), params, max_new_tokens, tuple(stop), cache_key,
+                          self._cache(cache_key, busy), should_stop or (lambda: False))
 
     def drop_cache(self, cache_key: str) -> None:
         """Forget a conversation's cached keys and values."""
@@ -170,14 +168,13 @@ class Generation:
     (prefill(), then step() with each step's logits, as Batch does). Text pieces hold back any
     tail that might start a stop string. `tokens`, `text` and `stats` fill in as it runs."""
 
-    def __init__(self, engine: Engine, prompt_ids, params, max_new_tokens, stop, cache, should_stop):
+    def __init__(self, engine: Engine, prompt_ids, params, max_new_tokens, stop, cache_key, cache, should_stop):
         self.engine, self.prompt_ids, self.max_new_tokens, self.stop = engine, prompt_ids, max_new_tokens, stop
         self.params = params
-        self.cache, self.should_stop = cache, should_stop
+        self.cache_key, self.cache, self.should_stop = cache_key, cache, should_stop
         self.tokens: list[int] = []
         self.text = ""
         self.prompt = ""  # the rendered prompt, when the reply was asked for by messages
-        self.cache_key: str | None = None
         self.stats = GenerationStats(prompt_tokens=len(prompt_ids))
         self.finished = False
         self._decoder, self._raw, self._emitted, self._cut = engine.chat.stream_decoder(), "", 0, None
