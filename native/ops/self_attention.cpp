@@ -93,8 +93,8 @@ inline void axpy(float* acc, float weight, const T* v, int64_t d, DType dtype) {
     for (; i < d; ++i) acc[i] += weight * widen(v[i], dtype);
 }
 
-// e^x for x <= 0, kLanes at a time (Cephes' polynomial, within 2 ulp): glibc's scalar expf took
-// most of a prefill's attention. Below -87, e^x (< 2e-38) is flushed to about that.
+// e^x for x <= 0, kLanes at a time (Cephes' polynomial for expf): glibc's scalar expf took most of
+// a prefill's attention. Below -87, e^x (< 2e-38) is flushed to about that.
 inline f32xL exp_lanes(f32xL x) {
     const f32xL low = splat(-87.0f);
     x = x < low ? low : x;
@@ -203,7 +203,7 @@ inline void widened_values(const WidenedHead& head, int64_t d, int64_t n_keys, c
     constexpr int64_t kChunk = 8 * kLanes;  // accumulators held in registers at a time
     for (int64_t c0 = 0; c0 < d; c0 += kChunk) {
         const int64_t vectors = std::min(kChunk, d - c0) / kLanes;
-        f32xL a[8] = {};
+        f32xL a[kChunk / kLanes] = {};
         for (int64_t j = 0; j < n_keys; ++j) {
             const float* v = head.values.data() + j * d + c0;
             for (int64_t x = 0; x < vectors; ++x) {
@@ -229,13 +229,17 @@ void attend(Tensor& out, const Tensor& q, const Tensor& k_cache, const Tensor& v
     const T* vals = v_cache.data<T>();
     const int64_t head_stride = k_cache.strides[0], pos_stride = k_cache.strides[1];
     const bool widened = M >= kWidenFrom && dtype != DType::F16 && d % kLanes == 0;
-    std::vector<WidenedHead> heads(widened ? H_kv : 0);
+    // The calling thread's buffers, kept between calls: fresh large allocations would fault their
+    // pages in at every layer of every prefill.
+    thread_local std::vector<WidenedHead> heads;
+    if (widened && static_cast<int64_t>(heads.size()) < H_kv) heads.resize(H_kv);
+    WidenedHead* widened_heads = heads.data();
 #pragma omp parallel
     {
         if (widened) {
 #pragma omp for schedule(static)
             for (int64_t kv = 0; kv < H_kv; ++kv)
-                widen_head(heads[kv], keys + kv * head_stride, vals + kv * head_stride, n_past + M, d, pos_stride, dtype);
+                widen_head(widened_heads[kv], keys + kv * head_stride, vals + kv * head_stride, n_past + M, d, pos_stride, dtype);
         }
         std::vector<float> scores(n_past + M + kLanes), qs, acc(d);
 #pragma omp for schedule(static) collapse(2)
@@ -244,7 +248,7 @@ void attend(Tensor& out, const Tensor& q, const Tensor& k_cache, const Tensor& v
                 const float* qr = row_f32(q, m * H + h, qs);
                 const int64_t n_keys = n_past + m + 1;  // causal: up to its own position
                 if (widened) {
-                    const WidenedHead& head = heads[kv_head_of[h]];
+                    const WidenedHead& head = widened_heads[kv_head_of[h]];
                     attend_query(n_keys, scale, scores,
                                  [&](int64_t n, float* s) { widened_scores(qr, head, d, n, s); },
                                  [&](int64_t n, const float* w) { widened_values(head, d, n, w, acc.data()); });
