@@ -5,8 +5,9 @@ two cores) under $LLAISYS_HOME/llama.cpp the first time a benchmark needs it.
 
 On a CPU with AMX there are two builds, by g++ and by clang, and llama-bench's figure is the faster
 working one per test: g++ 12 drops the stores that fill AMX's tile configuration (its ldtilecfg
-intrinsic is not seen to read them), so the g++ build's AMX prompt kernels die (SIGILL or SIGSEGV),
-while its decode ran 1.6-1.8x the clang build's (Q8_0, 2026-12-05).
+intrinsic is not seen to read them), so the g++ build's AMX prompt kernels die (SIGILL or SIGSEGV:
+llama-bench's prefill, llama-perplexity), while its decode ran 1.6-1.8x the clang build's (Q8_0,
+2026-12-05). The other programs use the clang build there.
 """
 import json
 import os
@@ -21,22 +22,26 @@ from urllib.request import Request, urlopen
 from llaisys_chat.model.cache import cache_home, exclusive
 
 VERSION = "0.3.36"
+COMPILER_ENV = {"g++": {}, "clang": {"CC": "clang", "CXX": "clang++"}}
 
 
-def llama_bin(name: str, compiler: str = "g++") -> Path:
-    """Path of a llama.cpp program (llama-bench, llama-quantize, llama-perplexity), building llama.cpp if needed."""
+def llama_bin(name: str, compiler: str | None = None) -> Path:
+    """Path of a llama.cpp program (llama-bench, llama-quantize, llama-perplexity), building llama.cpp if needed:
+    that of `compiler`'s build, by default the build whose every kernel runs on this CPU."""
+    compiler = compiler or _compilers()[-1]
     root = cache_home() / "llama.cpp" / VERSION
     build = root / ("build" if compiler == "g++" else f"build-{compiler}")
     binary = build / "bin" / name
     if not binary.exists():
         with exclusive(root):
             if not binary.exists():
-                _build(root, build, {"clang": {"CC": "clang", "CXX": "clang++"}}.get(compiler, {}))
+                _build(root, build, COMPILER_ENV[compiler])
     return binary
 
 
 def _compilers() -> list[str]:
-    """The builds whose llama-bench runs: g++, and clang too where the CPU has AMX (module docstring)."""
+    """The builds llama-bench runs: g++, and clang too where the CPU has AMX (module docstring); the last
+    is the one whose every kernel runs here."""
     if "amx_int8" not in Path("/proc/cpuinfo").read_text():
         return ["g++"]
     if not shutil.which("clang++"):
@@ -44,7 +49,7 @@ def _compilers() -> list[str]:
     return ["g++", "clang"]
 
 
-def _build(root: Path, build: Path, compilers: dict) -> None:
+def _build(root: Path, build: Path, compiler_env: dict) -> None:
     source = root / "src"
     if not source.exists():
         with tempfile.TemporaryDirectory() as tmp:
@@ -62,7 +67,7 @@ def _build(root: Path, build: Path, compilers: dict) -> None:
             root.mkdir(parents=True, exist_ok=True)
             shutil.move(next(Path(tmp).glob("llama_cpp_python-*")) / "vendor" / "llama.cpp", source)
     print(f"bench: building llama.cpp (llama-bench, llama-quantize, llama-perplexity) in {build}...", file=sys.stderr)
-    env = {**os.environ, **compilers}
+    env = {**os.environ, **compiler_env}
     subprocess.run(["cmake", "-S", source, "-B", build, "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON",
                     "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF",
                     "-DLLAMA_BUILD_EXAMPLES=OFF"], check=True, stdout=subprocess.DEVNULL, env=env)
