@@ -37,7 +37,9 @@ def terminal_repl(on_host=None):
     import pexpect
 
     argv = [str(Path(sys.executable).parent / "llaisys-chat"), "--temperature", "0", "--max-tokens", "600"]
-    env = {**os.environ, "TERM": "xterm-256color"}
+    # pexpect answers no cursor position request: without this, prompt_toolkit would wait 2 s for one at
+    # every prompt, and keys typed meanwhile could be lost.
+    env = {**os.environ, "TERM": "xterm-256color", "PROMPT_TOOLKIT_NO_CPR": "1"}
     if on_host is not None:
         argv = on_host(argv, env)
     child = pexpect.spawn(argv[0], argv[1:], encoding="utf-8", timeout=120, dimensions=(40, 120), env=env)
@@ -49,6 +51,10 @@ def terminal_repl(on_host=None):
     finally:
         child.close(force=True)
     assert child.exitstatus == 0
+
+
+# The REPL's prompt with nothing typed yet: unlike ">>> ", it does not match the redraw of a line just sent.
+EMPTY_PROMPT = r">>> \x1b\[0m\r"
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 so within seconds, the conversation keeps everything that was written and read, and the next
 message restarts the engines and goes on (tests/test_session.py covers the same on a fake cluster)."""
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import ipyparallel as ipp
 import pytest
-from conftest import iopub_until_idle, shell_reply, terminal_repl
+from conftest import EMPTY_PROMPT, iopub_until_idle, shell_reply, terminal_repl
 
 from llaisys_chat import cluster
 from llaisys_chat.errors import EnginesDown, LlaisysError
@@ -95,19 +96,26 @@ def test_a_stopped_rank_is_found_and_replaced(client):
 
 
 def test_repl_says_so_in_one_line_and_carries_on(client, running_cluster):
+    pid = rank_pid(client)  # now: asked during a reply, it would wait for the reply to end
     with terminal_repl() as child:
         child.expect(">>> ")
         child.sendline("My name is Ada. Say hello in one short sentence.")
-        child.expect(">>> ")
+        child.expect(EMPTY_PROMPT)  # the reply has ended
         child.sendline(LONG)
         child.expect_exact(LONG)  # the echo; then the reply's first words
         child.expect(r"\w+ \w+ \w+")
-        os.kill(rank_pid(client), signal.SIGKILL)
+        time.sleep(1.0)  # well into the 600-token reply
+        os.kill(pid, signal.SIGKILL)
         child.expect(r"error: engine rank [^\n]*\(pid \d+\) died", timeout=10)
-        child.expect(">>> ")
+        child.expect(EMPTY_PROMPT)
         child.sendline("What is my name? One word.")
         child.expect("restarting the engines")
-        child.expect("Ada", timeout=120)
+        child.expect(EMPTY_PROMPT)
+        child.sendline("/history")
+        # Asserted through the history: the model's answer depends on where the essay was cut.
+        child.expect("user: My name is Ada")
+        child.expect(re.escape(f"user: {LONG}") + r"\s+assistant: \S")
+        child.expect(r"user: What is my name\? One word\.\s+assistant: \S")
 
 
 def test_magic_says_so_and_the_next_cell_carries_on(client, ipython_shell):
@@ -125,7 +133,8 @@ def test_magic_says_so_and_the_next_cell_carries_on(client, ipython_shell):
     timer.join()
     with capture_output() as out:
         ip.run_cell_magic("llaisys", "--temperature 0 --max-tokens 20", "What is my name? One word.")
-    assert "Ada" in out.stdout
+        ip.run_line_magic("llaisys", "history")
+    assert "user: My name is Ada" in out.stdout and "user: What is my name?" in out.stdout
     ip.magics_manager.registry["LlaisysMagics"].chat.client.close()
 
 
@@ -149,7 +158,10 @@ def test_kernel_says_so_and_the_next_cell_carries_on(client, tmp_path):
         assert reply["status"] == "error" and "died" in reply["evalue"] and "\n" not in reply["evalue"]
         reply, messages = run("/set max_tokens 20\nWhat is my name? One word.")
         assert reply["status"] == "ok"
-        assert "Ada" in "".join(c["data"]["text/plain"] for k, c in messages if k == "execute_result")
+        assert "".join(c["data"]["text/plain"] for k, c in messages if k == "execute_result").strip()
+        _, messages = run("/history")  # (the model's answer depends on where the essay was cut)
+        history = "".join(c["text"] for k, c in messages if k == "stream")
+        assert "user: My name is Ada" in history and "user: What is my name?" in history
     finally:
         kernel.stop_channels()
         manager.shutdown_kernel(now=True)
