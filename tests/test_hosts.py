@@ -79,7 +79,7 @@ def test_hosts_connect_only_to_the_ports_the_readme_fixes(hosts):
 
 def test_a_repl_turn(hosts):
     vh, env = hosts
-    with terminal_repl(on_host=lambda argv, own: vh.client.command(argv, {**env, "TERM": own["TERM"], "PROMPT_TOOLKIT_NO_CPR": "1"})) as child:
+    with terminal_repl(on_host=lambda argv, own: vh.client.command(argv, {**env, **{k: own[k] for k in ("TERM", "PROMPT_TOOLKIT_NO_CPR")}})) as child:
         child.expect(">>> ")
         child.sendline("What is the capital of France? Answer in one word.")
         child.expect("Paris")
