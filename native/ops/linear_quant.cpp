@@ -1,12 +1,16 @@
 // Integer dot products of quantized weights (panels.hpp) against activations quantized per 32.
 //
-// Weights hold unsigned integers (Q4: 0-15, Q5: 0-31, Q6: 0-63) or signed ones (Q8), 8 rows to a
-// 256-bit register, 4 consecutive k per row; an activation quad is broadcast to all rows. Unsigned
-// values multiply signed activations directly (u8 x s8 products), and the format's offset comes out
-// through the activation block's sum: sum((q - o) x) = sum(q x) - o sum(x). Signed Q8 values use
-// the sign trick (|w| times x with w's sign). The products are summed by VNNI's dpbusd where the CPU
-// has it, else by AVX2's maddubs (ByteDots). Each sub-block's integer sum turns into f32 with the
-// row scales. Integer sums are exact either way, so both give bit-identical results.
+// Weights hold unsigned integers (Q4: 0-15, Q5: 0-31, Q6: 0-63) or signed ones (Q8), 4 consecutive
+// k per row and a register of rows; an activation quad is broadcast to all rows. Unsigned values
+// multiply signed activations directly (u8 x s8 products), and the format's offset comes out through
+// the activation block's sum: sum((q - o) x) = sum(q x) - o sum(x). The products are summed by
+// VNNI's dpbusd where the CPU has it, else by AVX2's maddubs (ByteDots). Each sub-block's integer sum
+// turns into f32 with the row scales. Integer sums are exact either way, so all paths give
+// bit-identical results.
+//
+// The kernels are written once for two register widths (Ymm, Zmm below): 8 rows (half a panel) in
+// 256 bits, or, with AVX-512 VNNI, a whole 16-row panel in 512 bits, which halves the instructions
+// per weight byte: decode at 1-2 threads spent more time in them than in reading memory.
 #include <array>
 #include <cstring>
 #include <utility>
@@ -24,69 +28,149 @@ namespace {
 
 using quant::ActivationBlock;
 
-inline __m256i load32(const std::byte* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
-inline __m256 load_f16x8(const std::byte* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
-inline __m256i load_u8x8(const std::byte* p) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))); }
-inline __m256i load_i8x8(const std::byte* p) { return _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))); }
+// 8 rows: AVX2 (and 256-bit VNNI where the CPU has it).
+struct Ymm {
+    using I = __m256i;
+    using F = __m256;
+    static constexpr int kRows = 8;
+    static I load(const std::byte* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+    static I bytes(char b) { return _mm256_set1_epi8(b); }
+    static I int32s(int32_t v) { return _mm256_set1_epi32(v); }
+    static I and_(I a, I b) { return _mm256_and_si256(a, b); }
+    static I or_(I a, I b) { return _mm256_or_si256(a, b); }
+    static I xor_(I a, I b) { return _mm256_xor_si256(a, b); }
+    static I shl16(I a, int n) { return _mm256_slli_epi16(a, n); }
+    static I shr16(I a, int n) { return _mm256_srli_epi16(a, n); }
+    static I add32(I a, I b) { return _mm256_add_epi32(a, b); }
+    static I sub32(I a, I b) { return _mm256_sub_epi32(a, b); }
+    static I mul32(I a, I b) { return _mm256_mullo_epi32(a, b); }
+    static I i8s(const std::byte* p) { return _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))); }
+    static I u8s(const std::byte* p) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))); }
+    static F f16s(const std::byte* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+    static F floats(I v) { return _mm256_cvtepi32_ps(v); }
+    static F splat(float v) { return _mm256_set1_ps(v); }
+    static F zero() { return _mm256_setzero_ps(); }
+    static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+    static F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+    static F fnmadd(F a, F b, F c) { return _mm256_fnmadd_ps(a, b, c); }
+    static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
+};
+
+#if defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define LLAISYS_ZMM_TILES 1
+// 16 rows (a whole panel): AVX-512 BW and VNNI.
+struct Zmm {
+    using I = __m512i;
+    using F = __m512;
+    static constexpr int kRows = 16;
+    static I load(const std::byte* p) { return _mm512_loadu_si512(p); }
+    static I bytes(char b) { return _mm512_set1_epi8(b); }
+    static I int32s(int32_t v) { return _mm512_set1_epi32(v); }
+    static I and_(I a, I b) { return _mm512_and_si512(a, b); }
+    static I or_(I a, I b) { return _mm512_or_si512(a, b); }
+    static I xor_(I a, I b) { return _mm512_xor_si512(a, b); }
+    static I shl16(I a, int n) { return _mm512_slli_epi16(a, n); }
+    static I shr16(I a, int n) { return _mm512_srli_epi16(a, n); }
+    static I add32(I a, I b) { return _mm512_add_epi32(a, b); }
+    static I sub32(I a, I b) { return _mm512_sub_epi32(a, b); }
+    static I mul32(I a, I b) { return _mm512_mullo_epi32(a, b); }
+    static I i8s(const std::byte* p) { return _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+    static I u8s(const std::byte* p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+    static F f16s(const std::byte* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+    static F floats(I v) { return _mm512_cvtepi32_ps(v); }
+    static F splat(float v) { return _mm512_set1_ps(v); }
+    static F zero() { return _mm512_setzero_ps(); }
+    static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+    static F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+    static F fnmadd(F a, F b, F c) { return _mm512_fnmadd_ps(a, b, c); }
+    static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
+};
+#endif
 
 // Activation quad `step` (4 int8) of a block, in every 32-bit lane.
-inline __m256i quad(const ActivationBlock* a, int step) {
+template <class V>
+typename V::I quad(const ActivationBlock* a, int step) {
     int32_t v;
     std::memcpy(&v, a->q + 4 * step, sizeof v);
-    return _mm256_set1_epi32(v);
+    return V::int32s(v);
 }
 
-inline __m256i widen(__m256i pairs16) { return _mm256_madd_epi16(pairs16, _mm256_set1_epi16(1)); }
+// Sums of u8 x s8 products, 4 to each 32-bit lane. With VNNI each add() is one dpbusd into 32 bits
+// (kExact: no intermediate saturates). Without, maddubs' 16-bit pair sums gather in 16 bits until
+// flush() widens them: the caller flushes before they could overflow (the bound depends on the
+// format's value range), and keeps every pair sum from saturating (u8 values below 128).
+template <class V>
+struct ByteDots;
 
-// Sums of u8 x s8 products, 4 to each 32-bit lane. With VNNI each add() is one dpbusd into 32 bits.
-// Without, maddubs' 16-bit pair sums gather in 16 bits until flush() widens them: the caller flushes
-// before they could overflow (the bound depends on the format's value range), and no pair sum
-// saturates (|w| <= 128 and |x| <= 127 give at most 32512).
-struct ByteDots {
+template <>
+struct ByteDots<Ymm> {
     __m256i sum = _mm256_setzero_si256();  // 32-bit lanes, complete after flush()
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    static constexpr bool kExact = true;
     void add(__m256i u8, __m256i s8) { sum = _mm256_dpbusd_epi32(sum, u8, s8); }
     void flush() {}
 #elif defined(__AVXVNNI__)
+    static constexpr bool kExact = true;
     void add(__m256i u8, __m256i s8) { sum = _mm256_dpbusd_avx_epi32(sum, u8, s8); }
     void flush() {}
 #else
+    static constexpr bool kExact = false;
     __m256i pairs = _mm256_setzero_si256();
     void add(__m256i u8, __m256i s8) { pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(u8, s8)); }
     void flush() {
-        sum = _mm256_add_epi32(sum, widen(pairs));
+        sum = _mm256_add_epi32(sum, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
         pairs = _mm256_setzero_si256();
     }
 #endif
 };
 
-inline __m256i low_nibbles(__m256i v) { return _mm256_and_si256(v, _mm256_set1_epi8(0x0F)); }
-inline __m256i high_nibbles(__m256i v) { return _mm256_and_si256(_mm256_srli_epi16(v, 4), _mm256_set1_epi8(0x0F)); }
+#ifdef LLAISYS_ZMM_TILES
+template <>
+struct ByteDots<Zmm> {
+    static constexpr bool kExact = true;
+    __m512i sum = _mm512_setzero_si512();
+    void add(__m512i u8, __m512i s8) { sum = _mm512_dpbusd_epi32(sum, u8, s8); }
+    void flush() {}
+};
+#endif
 
-// Integer sums of one sub-block (8 steps) of one half, for MT tokens. `values` points at the
-// sub-block's first step (Q8) or pair (others) of this half.
-template <int MT>
-[[gnu::always_inline]] inline void dot_q8(const std::byte* values, const ActivationBlock* const* x, __m256i* out) {
-    ByteDots dots[MT];
-    for (int s = 0; s < 8; ++s) {
-        const __m256i w = load32(values + s * 64), magnitude = _mm256_sign_epi8(w, w);
-        for (int m = 0; m < MT; ++m) {
-            dots[m].add(magnitude, _mm256_sign_epi8(quad(x[m], s), w));
-            dots[m].flush();  // two pair sums could overflow 16 bits
+template <class V>
+typename V::I low_nibbles(typename V::I v) { return V::and_(v, V::bytes(0x0F)); }
+template <class V>
+typename V::I high_nibbles(typename V::I v) { return V::and_(V::shr16(v, 4), V::bytes(0x0F)); }
+
+// Integer sums of one sub-block (8 steps) of one register of rows, for MT tokens. `values` points
+// at the sub-block's first step (Q8) or pair (others) of these rows.
+template <class V, int MT>
+[[gnu::always_inline]] inline void dot_q8(const std::byte* values, const ActivationBlock* const* x, typename V::I* out) {
+    ByteDots<V> dots[MT];
+    if constexpr (ByteDots<V>::kExact) {  // w + 128 is unsigned: sum(w x) = sum((w + 128) x) - 128 sum(x)
+        for (int s = 0; s < 8; ++s) {
+            const typename V::I w = V::xor_(V::load(values + s * 64), V::bytes(static_cast<char>(0x80)));
+            for (int m = 0; m < MT; ++m) dots[m].add(w, quad<V>(x[m], s));
         }
+        for (int m = 0; m < MT; ++m) out[m] = V::sub32(dots[m].sum, V::int32s(128 * (x[m]->sum[0] + x[m]->sum[1])));
+    } else {  // maddubs would saturate on w + 128: |w| times x with w's sign
+        for (int s = 0; s < 8; ++s) {
+            const __m256i w = V::load(values + s * 64), magnitude = _mm256_sign_epi8(w, w);
+            for (int m = 0; m < MT; ++m) {
+                dots[m].add(magnitude, _mm256_sign_epi8(quad<V>(x[m], s), w));
+                dots[m].flush();  // two pair sums could overflow 16 bits
+            }
+        }
+        for (int m = 0; m < MT; ++m) out[m] = dots[m].sum;
     }
-    for (int m = 0; m < MT; ++m) out[m] = dots[m].sum;
 }
 
 // 4-bit values: 8 steps of pair sums (at most 8 * 2 * 15 * 127) fit 16 bits.
-template <int MT>
-[[gnu::always_inline]] inline void dot_q4(const std::byte* pairs, const ActivationBlock* const* x, __m256i* out) {
-    ByteDots dots[MT];
+template <class V, int MT>
+[[gnu::always_inline]] inline void dot_q4(const std::byte* pairs, const ActivationBlock* const* x, typename V::I* out) {
+    ByteDots<V> dots[MT];
     for (int j = 0; j < 4; ++j) {
-        const __m256i v = load32(pairs + j * 64), lo = low_nibbles(v), hi = high_nibbles(v);
+        const typename V::I v = V::load(pairs + j * 64), lo = low_nibbles<V>(v), hi = high_nibbles<V>(v);
         for (int m = 0; m < MT; ++m) {
-            dots[m].add(lo, quad(x[m], 2 * j));
-            dots[m].add(hi, quad(x[m], 2 * j + 1));
+            dots[m].add(lo, quad<V>(x[m], 2 * j));
+            dots[m].add(hi, quad<V>(x[m], 2 * j + 1));
         }
     }
     for (int m = 0; m < MT; ++m) {
@@ -97,23 +181,25 @@ template <int MT>
 
 // Bit 4 of step s's values: bit s of the plane's bytes, moved to bit 4 (16-bit shifts: what crosses
 // into the other byte of a pair never reaches bit 4).
-inline __m256i plane_bit(__m256i plane, int s) {
-    const __m256i shifted = s <= 4 ? _mm256_slli_epi16(plane, 4 - s) : _mm256_srli_epi16(plane, s - 4);
-    return _mm256_and_si256(shifted, _mm256_set1_epi8(0x10));
+template <class V>
+typename V::I plane_bit(typename V::I plane, int s) {
+    const typename V::I shifted = s <= 4 ? V::shl16(plane, 4 - s) : V::shr16(plane, s - 4);
+    return V::and_(shifted, V::bytes(0x10));
 }
 
 // 5-bit values: the high bit of step s is bit s of the plane's byte; 4 steps fit 16 bits.
-template <int MT>
-[[gnu::always_inline]] inline void dot_q5(const std::byte* pairs, const std::byte* plane, const ActivationBlock* const* x, __m256i* out) {
-    const __m256i bits = load32(plane);
-    ByteDots dots[MT];
+template <class V, int MT>
+[[gnu::always_inline]] inline void dot_q5(const std::byte* pairs, const std::byte* plane, const ActivationBlock* const* x,
+                                          typename V::I* out) {
+    const typename V::I bits = V::load(plane);
+    ByteDots<V> dots[MT];
     for (int j = 0; j < 4; ++j) {
-        const __m256i v = load32(pairs + j * 64);
-        const __m256i lo = _mm256_or_si256(low_nibbles(v), plane_bit(bits, 2 * j));
-        const __m256i hi = _mm256_or_si256(high_nibbles(v), plane_bit(bits, 2 * j + 1));
+        const typename V::I v = V::load(pairs + j * 64);
+        const typename V::I lo = V::or_(low_nibbles<V>(v), plane_bit<V>(bits, 2 * j));
+        const typename V::I hi = V::or_(high_nibbles<V>(v), plane_bit<V>(bits, 2 * j + 1));
         for (int m = 0; m < MT; ++m) {
-            dots[m].add(lo, quad(x[m], 2 * j));
-            dots[m].add(hi, quad(x[m], 2 * j + 1));
+            dots[m].add(lo, quad<V>(x[m], 2 * j));
+            dots[m].add(hi, quad<V>(x[m], 2 * j + 1));
             if (j % 2 == 1) dots[m].flush();
         }
     }
@@ -121,39 +207,35 @@ template <int MT>
 }
 
 // The top 2 bits of step s' (0-3) of a Q6_K plane, at bits 4-5 of each byte.
-inline __m256i plane_bits(__m256i plane, int s) {
-    const __m256i mask = _mm256_set1_epi8(0x30);
-    switch (s) {
-        case 0: return _mm256_and_si256(_mm256_slli_epi16(plane, 4), mask);
-        case 1: return _mm256_and_si256(_mm256_slli_epi16(plane, 2), mask);
-        case 2: return _mm256_and_si256(plane, mask);
-        default: return _mm256_and_si256(_mm256_srli_epi16(plane, 2), mask);
-    }
+template <class V>
+typename V::I plane_bits(typename V::I plane, int s) {
+    const typename V::I shifted = s == 0 ? V::shl16(plane, 4) : s == 1 ? V::shl16(plane, 2) : s == 2 ? plane : V::shr16(plane, 2);
+    return V::and_(shifted, V::bytes(0x30));
 }
 
 // 6-bit values in two groups of 16 (4 steps) with int8 scales: sum over groups of
 // scale * (sum(q x) - 32 sum(x)); 2 steps of pair sums fit 16 bits.
-template <int MT>
-[[gnu::always_inline]] inline void dot_q6(const std::byte* pairs, const std::byte* planes, const std::byte* scales, const ActivationBlock* const* x,
-            __m256i* out) {
-    for (int m = 0; m < MT; ++m) out[m] = _mm256_setzero_si256();
+template <class V, int MT>
+[[gnu::always_inline]] inline void dot_q6(const std::byte* pairs, const std::byte* planes, const std::byte* scales,
+                                          const ActivationBlock* const* x, typename V::I* out) {
+    for (int m = 0; m < MT; ++m) out[m] = V::int32s(0);
     for (int g = 0; g < 2; ++g) {
-        const __m256i plane = load32(planes + g * 64);
-        ByteDots dots[MT];
+        const typename V::I plane = V::load(planes + g * 64);
+        ByteDots<V> dots[MT];
         for (int j = 2 * g; j < 2 * g + 2; ++j) {
-            const __m256i v = load32(pairs + j * 64);
-            const __m256i lo = _mm256_or_si256(low_nibbles(v), plane_bits(plane, 2 * (j - 2 * g)));
-            const __m256i hi = _mm256_or_si256(high_nibbles(v), plane_bits(plane, 2 * (j - 2 * g) + 1));
+            const typename V::I v = V::load(pairs + j * 64);
+            const typename V::I lo = V::or_(low_nibbles<V>(v), plane_bits<V>(plane, 2 * (j - 2 * g)));
+            const typename V::I hi = V::or_(high_nibbles<V>(v), plane_bits<V>(plane, 2 * (j - 2 * g) + 1));
             for (int m = 0; m < MT; ++m) {
-                dots[m].add(lo, quad(x[m], 2 * j));
-                dots[m].add(hi, quad(x[m], 2 * j + 1));
+                dots[m].add(lo, quad<V>(x[m], 2 * j));
+                dots[m].add(hi, quad<V>(x[m], 2 * j + 1));
                 dots[m].flush();
             }
         }
-        const __m256i scale = load_i8x8(scales + g * kPanel);
+        const typename V::I scale = V::i8s(scales + g * kPanel);
         for (int m = 0; m < MT; ++m) {
-            const __m256i offset = _mm256_set1_epi32(32 * x[m]->sum[g]);
-            out[m] = _mm256_add_epi32(out[m], _mm256_mullo_epi32(_mm256_sub_epi32(dots[m].sum, offset), scale));
+            const typename V::I offset = V::int32s(32 * x[m]->sum[g]);
+            out[m] = V::add32(out[m], V::mul32(V::sub32(dots[m].sum, offset), scale));
         }
     }
 }
@@ -166,68 +248,78 @@ inline void prefetch(const std::byte* p, int64_t bytes) {
     for (int64_t at = 0; at < bytes; at += 64) _mm_prefetch(reinterpret_cast<const char*>(p + at), _MM_HINT_T0);
 }
 
-template <DType T, int MT, int NH>
-void tile(const ActivationBlock* x, int64_t ldx, const std::byte* group, int64_t n_blocks, int h0, int64_t sb0,
+// Units of V::kRows rows: u0 .. u0 + NU of the group, whose output goes to out[(m * NU + u) * kRows + r].
+template <class V, DType T, int MT, int NU>
+void tile(const ActivationBlock* x, int64_t ldx, const std::byte* group, int64_t n_blocks, int u0, int64_t sb0,
           int64_t sb1, float* out) {
     constexpr panels::QuantLayout l = panels::layout(T);
     constexpr int64_t subs = l.block / 32;  // sub-blocks of 32 per block
     const int64_t block_stride = kGroup * l.chunk;
-    __m256 acc[MT][NH];
+    typename V::F acc[MT][NU];
     for (int m = 0; m < MT; ++m)
-        for (int h = 0; h < NH; ++h) acc[m][h] = _mm256_setzero_ps();
+        for (int u = 0; u < NU; ++u) acc[m][u] = V::zero();
     for (int64_t sb = sb0; sb < sb1; ++sb) {
         const int64_t b = sb / subs, j = sb % subs;
-        if (j == 0) prefetch(group + b * block_stride + kPrefetchBytes, NH * l.chunk / 2);
+        if (j == 0) prefetch(group + b * block_stride + kPrefetchBytes, NU * l.chunk * V::kRows / kPanel);
         const ActivationBlock* xs[MT];
         for (int m = 0; m < MT; ++m) xs[m] = x + m * ldx + sb;
-        for (int h = 0; h < NH; ++h) {
-            const int panel = (h0 + h) / 2, half = (h0 + h) % 2;
+        for (int u = 0; u < NU; ++u) {
+            const int panel = (u0 + u) * V::kRows / kPanel, row = (u0 + u) * V::kRows % kPanel;  // first row in the panel
             const std::byte* chunk = group + b * block_stride + panel * l.chunk;
-            __m256i sums[MT];
-            const std::byte* values = chunk + l.values + half * 32;
-            if constexpr (T == DType::Q8_0) dot_q8<MT>(values, xs, sums);
-            else if constexpr (T == DType::Q5_0) dot_q5<MT>(values, chunk + l.high_bits + half * 32, xs, sums);
+            typename V::I sums[MT];
+            const std::byte* values = chunk + l.values + row * 4;
+            if constexpr (T == DType::Q8_0) dot_q8<V, MT>(values, xs, sums);
+            else if constexpr (T == DType::Q5_0) dot_q5<V, MT>(values, chunk + l.high_bits + row * 4, xs, sums);
             else if constexpr (T == DType::Q6_K)
-                dot_q6<MT>(values + j * 4 * 64, chunk + l.high_bits + j * 2 * 64 + half * 32,
-                           chunk + l.sub_scales + j * 2 * kPanel + half * 8, xs, sums);
-            else dot_q4<MT>(values + j * 4 * 64, xs, sums);  // Q4_0, Q4_K
-            const __m256 d = load_f16x8(chunk + l.d + half * 16);
+                dot_q6<V, MT>(values + j * 4 * 64, chunk + l.high_bits + j * 2 * 64 + row * 4,
+                              chunk + l.sub_scales + j * 2 * kPanel + row, xs, sums);
+            else dot_q4<V, MT>(values + j * 4 * 64, xs, sums);  // Q4_0, Q4_K
+            const typename V::F d = V::f16s(chunk + l.d + row * 2);
             for (int m = 0; m < MT; ++m) {
                 const float dx = xs[m]->d;
                 const int32_t sum = xs[m]->sum[0] + xs[m]->sum[1];
-                __m256i isum = sums[m];
-                if constexpr (T == DType::Q4_0) isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(8 * sum));
-                if constexpr (T == DType::Q5_0) isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(16 * sum));
+                typename V::I isum = sums[m];
+                if constexpr (T == DType::Q4_0) isum = V::sub32(isum, V::int32s(8 * sum));
+                if constexpr (T == DType::Q5_0) isum = V::sub32(isum, V::int32s(16 * sum));
                 if constexpr (T == DType::Q4_K) {
-                    const std::byte* sc = chunk + l.sub_scales + j * kPanel + half * 8;
-                    const std::byte* mn = chunk + l.sub_mins + j * kPanel + half * 8;
-                    const __m256 scale = _mm256_mul_ps(d, _mm256_cvtepi32_ps(load_u8x8(sc)));
-                    const __m256 min = _mm256_mul_ps(load_f16x8(chunk + l.dmin + half * 16), _mm256_cvtepi32_ps(load_u8x8(mn)));
-                    acc[m][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(scale, _mm256_set1_ps(dx)), acc[m][h]);
-                    acc[m][h] = _mm256_fnmadd_ps(min, _mm256_set1_ps(dx * static_cast<float>(sum)), acc[m][h]);
+                    const typename V::F scale = V::mul(d, V::floats(V::u8s(chunk + l.sub_scales + j * kPanel + row)));
+                    const typename V::F min = V::mul(V::f16s(chunk + l.dmin + row * 2), V::floats(V::u8s(chunk + l.sub_mins + j * kPanel + row)));
+                    acc[m][u] = V::fmadd(V::floats(isum), V::mul(scale, V::splat(dx)), acc[m][u]);
+                    acc[m][u] = V::fnmadd(min, V::splat(dx * static_cast<float>(sum)), acc[m][u]);
                 } else {
-                    acc[m][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(d, _mm256_set1_ps(dx)), acc[m][h]);
+                    acc[m][u] = V::fmadd(V::floats(isum), V::mul(d, V::splat(dx)), acc[m][u]);
                 }
             }
         }
     }
     for (int m = 0; m < MT; ++m)
-        for (int h = 0; h < NH; ++h) _mm256_storeu_ps(out + (m * NH + h) * kHalfRows, acc[m][h]);
+        for (int u = 0; u < NU; ++u) V::store(out + (m * NU + u) * V::kRows, acc[m][u]);
 }
 
 using TileFn = void (*)(const ActivationBlock*, int64_t, const std::byte*, int64_t, int, int64_t, int64_t, float*);
 
-// Every tile shape: 1..4 tokens x 1..8 halves. Many tokens x few halves would reread a group's
-// interleaved chunks once per half, which left batched decode at 3x the per-token cost of prefill.
-template <DType T, int... I>
+// Every tile shape: 1..4 tokens x 1..(a group's units). Many tokens x few units would reread a
+// group's interleaved chunks once per unit, which left batched decode at 3x the per-token cost of prefill.
+template <class V, DType T, int... I>
 constexpr std::array<TileFn, sizeof...(I)> tile_table(std::integer_sequence<int, I...>) {
-    return {tile<T, I / kQuantTileHalves + 1, I % kQuantTileHalves + 1>...};
+    constexpr int units = kGroup * kPanel / V::kRows;
+    return {tile<V, T, I / units + 1, I % units + 1>...};
+}
+
+template <class V, DType T>
+TileFn pick(int mt, int nu) {
+    constexpr int units = kGroup * kPanel / V::kRows;
+    static constexpr auto table = tile_table<V, T>(std::make_integer_sequence<int, kQuantTileTokens * units>{});
+    return table[(mt - 1) * units + (nu - 1)];
 }
 
 template <DType T>
-TileFn pick(int mt, int nh) {
-    static constexpr auto table = tile_table<T>(std::make_integer_sequence<int, kQuantTileTokens * kQuantTileHalves>{});
-    return table[(mt - 1) * kQuantTileHalves + (nh - 1)];
+void run(int mt, int nh, const ActivationBlock* x, int64_t ldx, const std::byte* group, int64_t n_blocks, int h0,
+         int64_t sb0, int64_t sb1, float* out) {
+#ifdef LLAISYS_ZMM_TILES
+    if (h0 % 2 == 0 && nh % 2 == 0) return pick<Zmm, T>(mt, nh / 2)(x, ldx, group, n_blocks, h0 / 2, sb0, sb1, out);
+#endif
+    pick<Ymm, T>(mt, nh)(x, ldx, group, n_blocks, h0, sb0, sb1, out);
 }
 
 }  // namespace
@@ -235,16 +327,14 @@ TileFn pick(int mt, int nh) {
 void quant_tile(DType type, int mt, int nh, const quant::ActivationBlock* x, int64_t ldx, const std::byte* group,
                 int64_t n_blocks, int h0, int64_t sb0, int64_t sb1, float* tile) {
     LLAISYS_CHECK(1 <= mt && mt <= kQuantTileTokens && 1 <= nh && nh <= kQuantTileHalves, "quant_tile: tile shape");
-    TileFn fn = nullptr;
     switch (type) {
-        case DType::Q8_0: fn = pick<DType::Q8_0>(mt, nh); break;
-        case DType::Q4_0: fn = pick<DType::Q4_0>(mt, nh); break;
-        case DType::Q5_0: fn = pick<DType::Q5_0>(mt, nh); break;
-        case DType::Q4_K: fn = pick<DType::Q4_K>(mt, nh); break;
-        case DType::Q6_K: fn = pick<DType::Q6_K>(mt, nh); break;
+        case DType::Q8_0: return run<DType::Q8_0>(mt, nh, x, ldx, group, n_blocks, h0, sb0, sb1, tile);
+        case DType::Q4_0: return run<DType::Q4_0>(mt, nh, x, ldx, group, n_blocks, h0, sb0, sb1, tile);
+        case DType::Q5_0: return run<DType::Q5_0>(mt, nh, x, ldx, group, n_blocks, h0, sb0, sb1, tile);
+        case DType::Q4_K: return run<DType::Q4_K>(mt, nh, x, ldx, group, n_blocks, h0, sb0, sb1, tile);
+        case DType::Q6_K: return run<DType::Q6_K>(mt, nh, x, ldx, group, n_blocks, h0, sb0, sb1, tile);
         default: fail(__FILE__, __LINE__, std::string("quant_tile: not a quantized dtype: ") + dtype_name(type));
     }
-    fn(x, ldx, group, n_blocks, h0, sb0, sb1, tile);
 }
 
 }  // namespace llaisys::ops::tiles
