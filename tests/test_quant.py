@@ -77,16 +77,16 @@ def test_quantized_linear_matches_float64(name, M, N, K):
 
 @pytest.mark.parametrize("name", TYPES)
 def test_a_token_gets_the_same_bits_alone_in_a_batch_or_in_a_prompt(name):
-    """Decode (whole panels at a time, 512-bit on AVX-512 VNNI), a batch of 3 and a 20-token prompt
-    (8-row halves, 256-bit) sum the same integers in the same order."""
+    """Decode and a batch of 3 (a whole group of rows per tile) and a 20-token prompt (one register of
+    rows per tile; 8-row tails take 256-bit registers on any CPU) sum the same integers in the same order."""
     r = rng(11)
-    w = _native.pack_weight(quantized(name, random_blocks(name, 96, 512, r)), getattr(_native.DType, name))
+    w = _native.pack_weight(quantized(name, random_blocks(name, 104, 512, r)), getattr(_native.DType, name))
     x = r.standard_normal((20, 512)).astype(np.float32)
-    prompt, batch = np.zeros((20, 96), np.float32), np.zeros((3, 96), np.float32)
+    prompt, batch = np.zeros((20, 104), np.float32), np.zeros((3, 104), np.float32)
     _native.linear(prompt, x, w)
     _native.linear(batch, x[:3], w)
     for m in range(20):
-        alone = np.zeros((1, 96), np.float32)
+        alone = np.zeros((1, 104), np.float32)
         _native.linear(alone, x[m:m + 1], w)
         assert np.array_equal(alone[0], prompt[m])
     assert np.array_equal(batch, prompt[:3])

@@ -195,9 +195,9 @@ Lhs prepare_lhs(const Tensor& x, const PackedWeight& w) {
 // How a part is cut into tiles: each tile is `rows` output rows (a whole number of 8-row halves
 // for quantized parts, of 16-row panels for float ones) for all tokens.
 int64_t tile_rows(const PackedPart& part, int64_t M) {
-    // A few tokens (decode, batched decode) stream each group once; many tokens take one half at a
-    // time, which their reuse keeps in L1.
-    if (is_quantized(part.dtype)) return M <= kFewTokens ? tiles::kQuantTileHalves * tiles::kHalfRows : tiles::kHalfRows;
+    // A few tokens (decode, batched decode) stream each group once; many tokens take one register of
+    // rows at a time (a half, or a panel with 512-bit VNNI), which their reuse keeps in L1.
+    if (is_quantized(part.dtype)) return M <= kFewTokens ? tiles::kQuantTileHalves * tiles::kHalfRows : tiles::kRegisterRows;
     return (M <= kFewTokens ? kTilePanelsDecode : kTilePanelsPrefill) * kPanel;
 }
 

@@ -56,8 +56,7 @@ struct Ymm {
     static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
 };
 
-#if defined(__AVX512BW__) && defined(__AVX512VNNI__)
-#define LLAISYS_ZMM_TILES 1
+#ifdef LLAISYS_ZMM_TILES
 // 16 rows (a whole panel): AVX-512 BW and VNNI.
 struct Zmm {
     using I = __m512i;

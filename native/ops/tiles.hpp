@@ -9,6 +9,14 @@
 namespace llaisys::ops::tiles {
 
 constexpr int kHalfRows = 8;        // rows a tile column unit holds: one 256-bit register of results
+// Rows one register of results holds in the kernel: a whole 16-row panel where the CPU has 512-bit
+// VNNI (a prompt's tiles take one such register of rows at a time), else a half.
+#if defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define LLAISYS_ZMM_TILES 1
+constexpr int kRegisterRows = 16;
+#else
+constexpr int kRegisterRows = 8;
+#endif
 constexpr int kQuantTileTokens = 4;  // a tile holds up to 4 tokens
 constexpr int kQuantTileHalves = 8;  // x up to a whole group (4 panels x 2 halves)
 
