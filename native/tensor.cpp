@@ -88,11 +88,14 @@ Tensor Tensor::empty(std::vector<int64_t> shape, DType dtype) {
     return t;
 }
 
-void prefer_huge_pages(const Tensor& t) {
+Tensor zeros_on_huge_pages(std::vector<int64_t> shape, DType dtype) {
+    Tensor t = Tensor::empty(std::move(shape), dtype);
 #ifdef MADV_HUGEPAGE
     if (t.nbytes() >= kHugePage && reinterpret_cast<uintptr_t>(t.base) % kHugePage == 0)
         madvise(t.base, t.nbytes() / kHugePage * kHugePage, MADV_HUGEPAGE);
 #endif
+    std::memset(t.base, 0, t.nbytes());
+    return t;
 }
 
 Tensor Tensor::zeros(std::vector<int64_t> shape, DType dtype) {

@@ -57,10 +57,12 @@ struct Tensor {
 };
 
 constexpr size_t kHugePage = size_t{2} << 20;
-// Ask for huge pages behind a buffer that is read whole and often (weights): decode streams every
-// weight once per token, and with 4 KiB pages that costs a TLB miss every 4 KiB. Caches stay on
-// small pages, so that only the positions in use take memory.
-void prefer_huge_pages(const Tensor& t);
+// Zeros on huge pages, for a buffer that is read whole and often (weights): decode streams every
+// weight once per token, and with 4 KiB pages that costs a TLB miss every 4 KiB. The advice comes
+// before the zeroing, since the first write picks the page size (advised after it, 16 MiB of an
+// 800 MiB Q8_0 model were on huge pages). Caches stay on small pages, so that only the positions in
+// use take memory.
+Tensor zeros_on_huge_pages(std::vector<int64_t> shape, DType dtype);
 
 // Element conversions shared by every op: bf16/f16 are widened to f32 for arithmetic. The bf16 ones
 // are inline so that loops over them vectorize.

@@ -14,19 +14,10 @@ namespace {
 int64_t n_panels(int64_t rows) { return (rows + kPanel - 1) / kPanel; }
 int64_t n_groups(int64_t rows) { return (n_panels(rows) + kGroup - 1) / kGroup; }
 
-// Zeroed memory for panels, on huge pages: the advice has to come before the first write, which
-// picks the page size (advised after the zeroing, 16 MiB of an 800 MiB Q8_0 model were on huge pages).
-Tensor zeroed_panels(std::vector<int64_t> shape, DType dtype) {
-    Tensor panels = Tensor::empty(std::move(shape), dtype);
-    prefer_huge_pages(panels);
-    std::memset(panels.base, 0, panels.nbytes());
-    return panels;
-}
-
 Tensor pack_float(const Tensor& w, DType dtype) {
     const int64_t n_out = w.size(0), n_in = w.size(1);
-    Tensor panels = dtype == DType::BF16 ? zeroed_panels({n_groups(n_out), (n_in + 1) / 2, kGroup, kPanel, 2}, dtype)
-                                         : zeroed_panels({n_groups(n_out), n_in, kGroup, kPanel}, dtype);
+    Tensor panels = dtype == DType::BF16 ? zeros_on_huge_pages({n_groups(n_out), (n_in + 1) / 2, kGroup, kPanel, 2}, dtype)
+                                         : zeros_on_huge_pages({n_groups(n_out), n_in, kGroup, kPanel}, dtype);
 #pragma omp parallel for schedule(static)
     for (int64_t p = 0; p < n_panels(n_out); ++p) {
         std::vector<float> row(n_in);
@@ -135,7 +126,7 @@ Tensor pack_quantized(const Tensor& w, DType type) {
                                            std::to_string(l.block) + "-value blocks");
     const int64_t n_blocks = n_in / l.block;
     // Chunks are whole 32-byte lines; the tensor is typed only to own the bytes.
-    Tensor panels = zeroed_panels({n_groups(n_out) * kGroup * n_blocks * l.chunk / 4}, DType::I32);
+    Tensor panels = zeros_on_huge_pages({n_groups(n_out) * kGroup * n_blocks * l.chunk / 4}, DType::I32);
 #pragma omp parallel for schedule(static)
     for (int64_t p = 0; p < n_panels(n_out); ++p) {
         std::vector<float> values;
