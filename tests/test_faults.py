@@ -1,6 +1,7 @@
 """A rank that dies or stops, in each state, through each front end, on a real cluster: one line says
 so within seconds, the conversation keeps everything that was written and read, and the next
 message restarts the engines and goes on (tests/test_session.py covers the same on a fake cluster)."""
+import json
 import os
 import re
 import signal
@@ -191,6 +192,26 @@ def test_a_dead_controller_is_a_clear_error(tmp_path, monkeypatch):
         own.close()
     finally:
         kill_processes_of(tmp_path)  # the dead controller's schedulers outlive it
+
+
+def test_a_cluster_file_left_by_a_crash_starts_a_new_cluster(tmp_path, monkeypatch):
+    monkeypatch.setenv("IPYTHONDIR", str(tmp_path))
+    crash = "from llaisys_chat import cluster; import os; cluster.connect(None, n=2, cluster_id='crashed', quiet=True); os._exit(0)"
+    subprocess.run([sys.executable, "-c", crash], check=True, timeout=300)
+    kill_processes_of(tmp_path)  # the cluster dies after its owner: its file stays behind
+    # Its controller's pid, as once the killed process has been reaped (here no init may reap it soon).
+    file = tmp_path / "profile_default" / "security" / "cluster-crashed.json"
+    state = json.loads(file.read_text())
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    state["controller"]["state"]["pid"] = ended.pid
+    file.write_text(json.dumps(state))
+    own = cluster.connect("demo", n=2, cluster_id="crashed", quiet=True)
+    try:
+        assert own.generate("Say yes.", max_new_tokens=4).text
+    finally:
+        own.close()
+        kill_processes_of(tmp_path)
 
 
 def kill_processes_of(ipython_dir) -> None:

@@ -65,9 +65,12 @@ def _running_cluster(profile, cluster_id):
         cluster = ipp.Cluster.from_file(profile=profile or "default", cluster_id=cluster_id or "", log_level=40)
     except FileNotFoundError:
         return None
-    pid = getattr(cluster.controller, "pid", None) if cluster.controller is not None else None
+    # A stale file from a cluster that is gone: ipyparallel drops a controller it finds not running.
+    if cluster.controller is None:
+        return None
+    pid = getattr(cluster.controller, "pid", None)
     if pid is not None and not pid_alive(pid):
-        return None  # a stale file from a cluster that is gone
+        return None
     return cluster
 
 
