@@ -149,7 +149,7 @@ void quantize_row(DType type, const float* src, std::byte* dst, int64_t n) {
     }
 }
 
-void quantize_activations(const float* x, ActivationBlock* out, int64_t n) {
+void quantize_activations(const float* x, ActivationBlock* out, int64_t n, int64_t stride) {
     LLAISYS_CHECK(n % 32 == 0, "quantize_activations: whole blocks of 32 only");
     const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     for (int64_t b = 0; b < n / 32; ++b, x += 32) {
@@ -168,7 +168,7 @@ void quantize_activations(const float* x, ActivationBlock* out, int64_t n) {
         const __m256i q8 = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
         // The packs work within 128-bit lanes: 4-byte groups come out in the order 0 2 4 6 1 3 5 7.
         const __m256i bytes = _mm256_permutevar8x32_epi32(q8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-        ActivationBlock& block = out[b];
+        ActivationBlock& block = out[b * stride];
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(block.q), bytes);
         block.d = d;
         for (int half = 0; half < 2; ++half) {

@@ -60,6 +60,7 @@ struct ActivationBlock {
     float d;
     int16_t sum[2];  // over q[0..16) and q[16..32)
 };
-void quantize_activations(const float* x, ActivationBlock* out, int64_t n);
+// Block b of x goes to out[b * stride].
+void quantize_activations(const float* x, ActivationBlock* out, int64_t n, int64_t stride = 1);
 
 }  // namespace llaisys::quant

@@ -1,5 +1,10 @@
 """Quantized weights (native/quant.cpp, ops/pack_weight.cpp, ops/linear_quant.cpp) against the gguf
 package's numpy code (llama.cpp's formats) and a float64 reference."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -8,7 +13,7 @@ from gguf.quants import dequantize, quantize
 from llaisys_chat import _native
 
 TYPES = ["Q8_0", "Q4_0", "Q5_0", "Q4_K", "Q6_K"]
-SHAPES = [(1, 37, 256), (1, 64, 512), (3, 100, 256), (5, 16, 768), (9, 70, 256)]  # M, N (rows), K
+SHAPES = [(1, 37, 256), (1, 64, 512), (3, 100, 256), (5, 16, 768), (9, 70, 256), (40, 100, 512)]  # M, N (rows), K
 
 
 def rng(seed):
@@ -77,19 +82,44 @@ def test_quantized_linear_matches_float64(name, M, N, K):
 
 @pytest.mark.parametrize("name", TYPES)
 def test_a_token_gets_the_same_bits_alone_in_a_batch_or_in_a_prompt(name):
-    """Decode and a batch of 3 (a whole group of rows per tile) and a 20-token prompt (one register of
-    rows per tile; 8-row tails take 256-bit registers on any CPU) sum the same integers in the same order."""
+    """Decode and a batch of 3 (a whole group of rows per tile) and a 40-token prompt (AMX tiles of 32
+    tokens where the CPU has them, else one register of rows per tile, 8-row tails in 256-bit registers)
+    sum the same integers and scale them in the same order."""
     r = rng(11)
     w = _native.pack_weight(quantized(name, random_blocks(name, 104, 512, r)), getattr(_native.DType, name))
-    x = r.standard_normal((20, 512)).astype(np.float32)
-    prompt, batch = np.zeros((20, 104), np.float32), np.zeros((3, 104), np.float32)
+    x = r.standard_normal((40, 512)).astype(np.float32)
+    prompt, batch = np.zeros((40, 104), np.float32), np.zeros((3, 104), np.float32)
     _native.linear(prompt, x, w)
     _native.linear(batch, x[:3], w)
-    for m in range(20):
+    for m in range(40):
         alone = np.zeros((1, 104), np.float32)
         _native.linear(alone, x[m:m + 1], w)
         assert np.array_equal(alone[0], prompt[m])
     assert np.array_equal(batch, prompt[:3])
+
+
+PROMPT_WITHOUT_AMX = """
+import sys, numpy as np
+sys.path.insert(0, "tests")
+from test_quant import TYPES, prompt_products
+np.save(sys.argv[1], np.stack([prompt_products(name) for name in TYPES]))
+"""
+
+
+def prompt_products(name):
+    r = rng(12)
+    w = _native.pack_weight(quantized(name, random_blocks(name, 70, 768, r)), getattr(_native.DType, name))
+    out = np.zeros((45, 70), np.float32)
+    _native.linear(out, r.standard_normal((45, 768)).astype(np.float32), w)
+    return out
+
+
+def test_prompts_get_the_same_bits_with_or_without_amx(tmp_path):
+    """LLAISYS_NO_AMX=1 keeps prompts on the dot-product kernels (what a CPU without AMX runs); on a CPU
+    with AMX this compares the two kernels."""
+    subprocess.run([sys.executable, "-c", PROMPT_WITHOUT_AMX, str(tmp_path / "out.npy")], check=True,
+                   cwd=Path(__file__).parent.parent, env={**os.environ, "LLAISYS_NO_AMX": "1"})
+    assert np.array_equal(np.load(tmp_path / "out.npy"), np.stack([prompt_products(name) for name in TYPES]))
 
 
 @pytest.mark.parametrize("name", ["Q8_0", "Q4_0"])

@@ -2,6 +2,7 @@
 // by arithmetic; one tiled loop serves both: a tile of tokens x output rows keeps its accumulators in
 // registers while it streams through the rows' k range once. Float panels use f32 (or bf16 pair)
 // FMAs; quantized panels use integer dot products (linear_quant.cpp).
+#include <algorithm>
 #include <array>
 #include <bit>
 #include <cmath>
@@ -143,9 +144,18 @@ void run_float_tile(int64_t mt, int64_t np, const X* x, int64_t ldx, const W* w,
 struct Lhs {
     const Bf16Lhs* bf16 = nullptr;  // rows of n_in rounded up to even
     const float* f32 = nullptr;     // rows of n_in
-    const quant::ActivationBlock* blocks = nullptr;  // rows of n_in / 32 blocks
+    // Rows of n_in / 32 blocks; for AMX prompt tiles (interleaved) the 32 tokens of a tile side by
+    // side per sub-block, so that a sub-block's activations for a tile are one run of memory: block
+    // (m, sb) at ((m / 32) * ld_blocks + sb) * 32 + m % 32.
+    const quant::ActivationBlock* blocks = nullptr;
+    bool interleaved = false;
     int64_t ld_bf16 = 0, ld_f32 = 0, ld_blocks = 0;
 };
+
+// Whether a part of M tokens runs on AMX prompt tiles.
+bool on_prompt_tiles(const PackedPart& part, int64_t M) {
+    return is_quantized(part.dtype) && M > kFewTokens && tiles::amx_prompt_tiles();
+}
 
 Lhs prepare_lhs(const Tensor& x, const PackedWeight& w) {
     thread_local std::vector<Bf16Lhs> bf16;
@@ -153,18 +163,20 @@ Lhs prepare_lhs(const Tensor& x, const PackedWeight& w) {
     thread_local std::vector<quant::ActivationBlock> blocks;
     const int64_t rows = n_rows(x), n_in = w.n_in;
     bool need_bf16 = false, need_f32 = false, need_blocks = false;
+    Lhs lhs;
     for (const PackedPart& part : w.parts) {
         need_bf16 |= part.dtype == DType::BF16;
         need_f32 |= part.dtype == DType::F32;
         need_blocks |= is_quantized(part.dtype);
+        lhs.interleaved |= on_prompt_tiles(part, rows);
     }
-    Lhs lhs;
     lhs.ld_bf16 = (n_in + 1) / 2 * 2;
     lhs.ld_f32 = n_in;
     lhs.ld_blocks = n_in / 32;
     if (need_bf16) bf16.assign(rows * lhs.ld_bf16, Bf16Lhs{0});
     if (need_f32) f32.resize(rows * n_in);
-    if (need_blocks) blocks.resize(rows * lhs.ld_blocks);
+    // AMX prompt tiles read 32 tokens' blocks at a time: those past the last token are never used.
+    if (need_blocks) blocks.resize((rows + tiles::kPromptTileTokens - 1) / tiles::kPromptTileTokens * tiles::kPromptTileTokens * lhs.ld_blocks);
     // The buffers are this (the calling) thread's: the row loop below writes them through pointers.
     Bf16Lhs* bf16_rows = bf16.data();
     float* f32_rows = f32.data();
@@ -183,7 +195,12 @@ Lhs prepare_lhs(const Tensor& x, const PackedWeight& w) {
                 }
             }
             if (need_f32) std::memcpy(f32_rows + m * n_in, xr, n_in * sizeof(float));
-            if (need_blocks) quant::quantize_activations(xr, block_rows + m * lhs.ld_blocks, n_in);
+            if (need_blocks && lhs.interleaved) {
+                constexpr int64_t T = tiles::kPromptTileTokens;
+                quant::quantize_activations(xr, block_rows + (m / T) * lhs.ld_blocks * T + m % T, n_in, T);
+            } else if (need_blocks) {
+                quant::quantize_activations(xr, block_rows + m * lhs.ld_blocks, n_in);
+            }
         }
     }
     lhs.bf16 = bf16_rows;
@@ -196,8 +213,12 @@ Lhs prepare_lhs(const Tensor& x, const PackedWeight& w) {
 // for quantized parts, of 16-row panels for float ones) for all tokens.
 int64_t tile_rows(const PackedPart& part, int64_t M) {
     // A few tokens (decode, batched decode) stream each group once; many tokens take one register of
-    // rows at a time (a half, or a panel with 512-bit VNNI), which their reuse keeps in L1.
-    if (is_quantized(part.dtype)) return M <= kFewTokens ? tiles::kQuantTileHalves * tiles::kHalfRows : tiles::kRegisterRows;
+    // rows at a time (a half, or a panel with 512-bit VNNI), which their reuse keeps in L1, or with
+    // AMX the two panels of a prompt tile.
+    if (is_quantized(part.dtype)) {
+        if (M <= kFewTokens) return tiles::kQuantTileHalves * tiles::kHalfRows;
+        return on_prompt_tiles(part, M) ? tiles::kPromptTileRows : tiles::kRegisterRows;
+    }
     return (M <= kFewTokens ? kTilePanelsDecode : kTilePanelsPrefill) * kPanel;
 }
 
@@ -209,7 +230,7 @@ int64_t k_unit(DType dtype) { return dtype == DType::BF16 ? 2 : (is_quantized(dt
 template <class Sink>
 void run_tile(const Lhs& lhs, const PackedWeight& w, const PackedPart& part, int64_t r0, int64_t M, int64_t k_block,
               Sink& sink) {
-    alignas(64) float tile[kMaxTokens * kMaxPanels * kPanel];
+    alignas(64) float tile[std::max<int64_t>(kMaxTokens * kMaxPanels * kPanel, tiles::kPromptTileTokens * tiles::kPromptTileRows)];
     const int64_t rows = std::min(tile_rows(part, M), part.n_out - r0);
     const int64_t unit = k_unit(part.dtype);
     const int64_t k_padded = part.dtype == DType::BF16 ? lhs.ld_bf16 : w.n_in;
@@ -219,6 +240,18 @@ void run_tile(const Lhs& lhs, const PackedWeight& w, const PackedPart& part, int
         const std::byte* group = part.panels.base + (r0 / (kGroup * kPanel)) * n_blocks * kGroup * chunk;
         const int h0 = static_cast<int>((r0 % (kGroup * kPanel)) / tiles::kHalfRows);
         const int nh = static_cast<int>((rows + tiles::kHalfRows - 1) / tiles::kHalfRows);
+        if (on_prompt_tiles(part, M)) {  // 32 tokens x two panels
+            for (int64_t m0 = 0; m0 < M; m0 += tiles::kPromptTileTokens) {
+                const int64_t mt = std::min<int64_t>(tiles::kPromptTileTokens, M - m0);
+                for (int64_t k0 = 0; k0 < k_padded; k0 += k_block) {
+                    const int64_t k1 = std::min(k0 + k_block, k_padded);
+                    tiles::quant_prompt_tile(part.dtype, lhs.blocks + m0 * lhs.ld_blocks, group,
+                                             h0 * tiles::kHalfRows / kPanel, k0 / unit, k1 / unit, tile);
+                    sink(m0, mt, part.row_begin + r0, rows, tile, tiles::kPromptTileRows);
+                }
+            }
+            return;
+        }
         for (int64_t m0 = 0; m0 < M; m0 += tiles::kQuantTileTokens) {
             const int mt = static_cast<int>(std::min<int64_t>(tiles::kQuantTileTokens, M - m0));
             for (int64_t k0 = 0; k0 < k_padded; k0 += k_block) {

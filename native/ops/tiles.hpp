@@ -26,4 +26,14 @@ constexpr int kQuantTileHalves = 8;  // x up to a whole group (4 panels x 2 halv
 void quant_tile(DType type, int mt, int nh, const quant::ActivationBlock* x, int64_t ldx, const std::byte* group,
                 int64_t n_blocks, int h0, int64_t sb0, int64_t sb1, float* tile);
 
+// Prompts on AMX, where the CPU has it (and 512-bit VNNI): tile[m * 32 + r] as above for 32 tokens
+// and the 32 rows of panels panel0 and panel0 + 1 of the group (panel0 = 0 or 2), from AMX int8 tile
+// products. The same integer sums and float steps as quant_tile, so the same bits. The tokens' blocks
+// are interleaved: token m's sub-block sb at x[sb * 32 + m] (results for tokens past the caller's are
+// to be ignored).
+constexpr int kPromptTileTokens = 32, kPromptTileRows = 32;
+bool amx_prompt_tiles();
+void quant_prompt_tile(DType type, const quant::ActivationBlock* x, const std::byte* group, int panel0, int64_t sb0,
+                       int64_t sb1, float* tile);
+
 }  // namespace llaisys::ops::tiles
