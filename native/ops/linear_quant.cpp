@@ -352,12 +352,13 @@ void run(int mt, int nh, const ActivationBlock* x, int64_t ldx, const std::byte*
 //
 // A prompt's tile is 32 tokens x 32 rows (two panels of the group) in four 16 x 16 quarters. For each
 // sub-block of 32 k, AMX's int8 tile product gives each quarter's exact integer sums: the activations
-// are the A tiles (16 tokens x 32 bytes, side by side in the caller's interleaved blocks), the panels' values the B tiles (8 steps x
-// 16 rows x 4 bytes: the chunks' own layout, so Q8_0 loads them directly and the other formats widen
-// their values to signed bytes first, their offset taken off). accumulate() then scales the sums with
-// the same float steps as decode, so the bits match. Four independent quarters a sub-block let the
-// tile unit overlap its products: one 16 x 16 tile at a time ran at 1.3-1.7x the VNNI kernel, four at
-// 1.9x (Q8_0, 128 tokens x 896 x 4864, 1 thread). Scaling the sums costs about as much as the products.
+// are the A tiles (16 tokens x 32 bytes, side by side in the caller's interleaved blocks), the panels'
+// values the B tiles (8 steps x 16 rows x 4 bytes: the chunks' own layout, so Q8_0 loads them directly
+// and the other formats widen their values to signed bytes first, their offset taken off).
+// accumulate() then scales the sums with the same float steps as decode, so the bits match. Four
+// independent quarters a sub-block let the tile unit overlap its products: one 16 x 16 tile at a time
+// ran at 1.3-1.7x the VNNI kernel, four at 1.9x (Q8_0, 128 tokens x 896 x 4864, 1 thread). Scaling
+// the sums costs about as much as the products.
 //
 // The instructions are inline assembly with memory clobbers: GCC 12's AMX intrinsics do not tell the
 // compiler that they read and write memory (its ldtilecfg let it drop the stores that fill the
