@@ -225,11 +225,17 @@ int64_t tile_rows(const PackedPart& part, int64_t M) {
 // k in the units the part's kernel steps through: bf16 k-pairs, f32 k, quantized 32-value sub-blocks.
 int64_t k_unit(DType dtype) { return dtype == DType::BF16 ? 2 : (is_quantized(dtype) ? 32 : 1); }
 
-// Runs tile (part, first row r0) over k blocks of k_block columns and hands each result to
-// sink(m0, mt, col0, ncols, tile, ld): tile[m * ld + c] for the part's output columns col0 + c, c < ncols.
+// Tokens of one unit of a thread's work: an AMX prompt tile's, else all (their tiles then reuse the
+// rows' weights from cache). Splitting tokens too gives many threads enough units on small matrices
+// (a layer's keys are 4 units of rows on AMX).
+int64_t tile_tokens(const PackedPart& part, int64_t M) { return on_prompt_tiles(part, M) ? tiles::kPromptTileTokens : M; }
+
+// Runs tile (part, first row r0) for tokens [m_begin, m_end) of M over k blocks of k_block columns and
+// hands each result to sink(m0, mt, col0, ncols, tile, ld): tile[m * ld + c] for the part's output
+// columns col0 + c, c < ncols.
 template <class Sink>
-void run_tile(const Lhs& lhs, const PackedWeight& w, const PackedPart& part, int64_t r0, int64_t M, int64_t k_block,
-              Sink& sink) {
+void run_tile(const Lhs& lhs, const PackedWeight& w, const PackedPart& part, int64_t r0, int64_t M, int64_t m_begin,
+              int64_t m_end, int64_t k_block, Sink& sink) {
     alignas(64) float tile[std::max<int64_t>(kMaxTokens * kMaxPanels * kPanel, tiles::kPromptTileTokens * tiles::kPromptTileRows)];
     const int64_t rows = std::min(tile_rows(part, M), part.n_out - r0);
     const int64_t unit = k_unit(part.dtype);
@@ -241,8 +247,8 @@ void run_tile(const Lhs& lhs, const PackedWeight& w, const PackedPart& part, int
         const int h0 = static_cast<int>((r0 % (kGroup * kPanel)) / tiles::kHalfRows);
         const int nh = static_cast<int>((rows + tiles::kHalfRows - 1) / tiles::kHalfRows);
         if (on_prompt_tiles(part, M)) {  // 32 tokens x two panels
-            for (int64_t m0 = 0; m0 < M; m0 += tiles::kPromptTileTokens) {
-                const int64_t mt = std::min<int64_t>(tiles::kPromptTileTokens, M - m0);
+            for (int64_t m0 = m_begin; m0 < m_end; m0 += tiles::kPromptTileTokens) {
+                const int64_t mt = std::min<int64_t>(tiles::kPromptTileTokens, m_end - m0);
                 for (int64_t k0 = 0; k0 < k_padded; k0 += k_block) {
                     const int64_t k1 = std::min(k0 + k_block, k_padded);
                     tiles::quant_prompt_tile(part.dtype, lhs.blocks + m0 * lhs.ld_blocks, group,
@@ -252,8 +258,8 @@ void run_tile(const Lhs& lhs, const PackedWeight& w, const PackedPart& part, int
             }
             return;
         }
-        for (int64_t m0 = 0; m0 < M; m0 += tiles::kQuantTileTokens) {
-            const int mt = static_cast<int>(std::min<int64_t>(tiles::kQuantTileTokens, M - m0));
+        for (int64_t m0 = m_begin; m0 < m_end; m0 += tiles::kQuantTileTokens) {
+            const int mt = static_cast<int>(std::min<int64_t>(tiles::kQuantTileTokens, m_end - m0));
             for (int64_t k0 = 0; k0 < k_padded; k0 += k_block) {
                 const int64_t k1 = std::min(k0 + k_block, k_padded);
                 tiles::quant_tile(part.dtype, mt, nh, lhs.blocks + m0 * lhs.ld_blocks, lhs.ld_blocks, group, n_blocks, h0,
@@ -266,8 +272,8 @@ void run_tile(const Lhs& lhs, const PackedWeight& w, const PackedPart& part, int
     const int64_t p0 = r0 / kPanel, np = (rows + kPanel - 1) / kPanel;
     const int64_t step = part.dtype == DType::BF16 ? kPanel * 2 : kPanel;  // one panel's slice of a k step
     const int64_t row_stride = kGroup * step;
-    for (int64_t m0 = 0; m0 < M; m0 += kTileTokens) {
-        const int64_t mt = std::min(kTileTokens, M - m0);
+    for (int64_t m0 = m_begin; m0 < m_end; m0 += kTileTokens) {
+        const int64_t mt = std::min(kTileTokens, m_end - m0);
         for (int64_t k0 = 0; k0 < k_padded; k0 += k_block) {
             const int64_t k1 = std::min(k0 + k_block, k_padded);
             if (part.dtype == DType::BF16) {
@@ -284,24 +290,26 @@ void run_tile(const Lhs& lhs, const PackedWeight& w, const PackedPart& part, int
 }
 
 // Every tile of x W^T over k blocks of k_block columns, each handed to the sink. Threads split
-// the tiles (output rows), never k: each output element is computed by one thread in one fixed
-// order, whatever the thread count.
+// the tiles (output rows, and tokens), never k: each output element is computed by one thread in one
+// fixed order, whatever the thread count.
 template <class Sink>
 void for_each_tile(const Tensor& x, const PackedWeight& w, int64_t k_block, Sink sink) {
     LLAISYS_CHECK(x.size(-1) == w.n_in, "linear: x has the wrong number of columns");
     const Lhs lhs = prepare_lhs(x, w);
     const int64_t M = n_rows(x);
-    std::vector<int64_t> first_tile{0};  // per part, then the total
+    std::vector<int64_t> first_unit{0};  // per part, then the total
     for (const PackedPart& part : w.parts) {
-        const int64_t rows = tile_rows(part, M);
-        first_tile.push_back(first_tile.back() + (part.n_out + rows - 1) / rows);
+        const int64_t rows = tile_rows(part, M), tokens = tile_tokens(part, M);
+        first_unit.push_back(first_unit.back() + (part.n_out + rows - 1) / rows * ((M + tokens - 1) / tokens));
     }
 #pragma omp parallel for schedule(static)
-    for (int64_t t = 0; t < first_tile.back(); ++t) {
+    for (int64_t t = 0; t < first_unit.back(); ++t) {
         size_t i = 0;
-        while (first_tile[i + 1] <= t) ++i;
+        while (first_unit[i + 1] <= t) ++i;
         const PackedPart& part = w.parts[i];
-        run_tile(lhs, w, part, (t - first_tile[i]) * tile_rows(part, M), M, k_block, sink);
+        const int64_t tokens = tile_tokens(part, M), token_units = (M + tokens - 1) / tokens;
+        const int64_t row_unit = (t - first_unit[i]) / token_units, m_begin = (t - first_unit[i]) % token_units * tokens;
+        run_tile(lhs, w, part, row_unit * tile_rows(part, M), M, m_begin, std::min(M, m_begin + tokens), k_block, sink);
     }
 }
 
