@@ -1,7 +1,8 @@
 // Matrix products against packed weights. Decode (one token) is bound by memory bandwidth, prefill
 // by arithmetic; one tiled loop serves both: a tile of tokens x output rows keeps its accumulators in
 // registers while it streams through the rows' k range once. Float panels use f32 (or bf16 pair)
-// FMAs; quantized panels use integer dot products (linear_quant.cpp).
+// FMAs, or AMX bf16 tiles where the CPU has them; quantized panels use integer dot products
+// (linear_quant.cpp).
 #include <algorithm>
 #include <array>
 #include <bit>
@@ -13,6 +14,7 @@
 
 #include "../ops.hpp"
 #include "../quant.hpp"
+#include "amx.hpp"
 #include "panels.hpp"
 #include "rows.hpp"
 #include "tiles.hpp"
@@ -59,6 +61,67 @@ void tile_bf16(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t row_st
     }
     for (int m = 0; m < MT; ++m)
         for (int p = 0; p < NP; ++p) _mm512_storeu_ps(tile + (m * NP + p) * kPanel, acc[m][p]);
+}
+
+// bf16 weights on AMX tiles, where the CPU has AMX-BF16: one instruction multiplies 16 tokens by 16
+// k-pairs of 16 rows. The packed panels are already the B layout (a k-pair's 16 rows x 2 values, 64
+// bytes, k-pairs `row_stride` apart), and x's bf16 rows the A layout. Tile products round otherwise
+// than vdpbf16ps, so a part takes this kernel for any number of tokens (decode too: it stays bound
+// by memory), and each output still comes from one thread in one order: the same bits whatever the
+// tokens, the batch or the rank count.
+//
+// Tile registers: the sums of (token half t, panel p) at 2t + p for up to 32 tokens x 2 panels, their
+// activations in 4-5, the panels' k-pairs in 6-7; for up to 16 tokens x 4 panels (a whole group, as
+// decode streams it), the sums at p, the activations in 4, the k-pairs in 5-7 in turn.
+void tile_bf16_amx(const uint16_t* x, int64_t ldx, int mt, const uint16_t* w, int64_t row_stride, int np, int64_t kp0,
+                   int64_t kp1, float* tile) {
+    const int64_t x_bytes = ldx * 2, w_bytes = row_stride * 2, out_bytes = np * kPanel * 4;
+    const int second = mt - 16;  // tokens in the second half, if any
+    amx::Config config;
+    if (second > 0) {
+        for (int p = 0; p < 2; ++p) config.set(p, 16, 64), config.set(2 + p, second, 64);
+        config.set(4, 16, 64), config.set(5, second, 64), config.set(6, 16, 64), config.set(7, 16, 64);
+    } else {
+        for (int p = 0; p < 4; ++p) config.set(p, mt, 64);
+        config.set(4, mt, 64);
+        for (int t = 5; t < 8; ++t) config.set(t, 16, 64);
+    }
+    amx::configure(config);
+    LLAISYS_TILE_ZERO(0); LLAISYS_TILE_ZERO(1); LLAISYS_TILE_ZERO(2); LLAISYS_TILE_ZERO(3);
+    for (int64_t kp = kp0; kp < kp1; kp += 16) {
+        const uint16_t* xk = x + 2 * kp;
+        const uint16_t* wk = w + kp * row_stride;
+        // The panels' lines ahead, as the vector kernels ask for them (decode streams the weights).
+        for (int64_t i = 0; i < 16; ++i)
+            for (int p = 0; p < np; ++p) __builtin_prefetch(wk + (kPrefetchSteps + i) * row_stride + p * 32);
+        if (second > 0) {
+            LLAISYS_TILE_LOAD(4, xk, x_bytes);
+            LLAISYS_TILE_LOAD(5, xk + 16 * ldx, x_bytes);
+            LLAISYS_TILE_LOAD(6, wk, w_bytes);
+            LLAISYS_TILE_DOT_BF16(0, 4, 6); LLAISYS_TILE_DOT_BF16(2, 5, 6);
+            if (np > 1) {
+                LLAISYS_TILE_LOAD(7, wk + 32, w_bytes);
+                LLAISYS_TILE_DOT_BF16(1, 4, 7); LLAISYS_TILE_DOT_BF16(3, 5, 7);
+            }
+        } else {
+            LLAISYS_TILE_LOAD(4, xk, x_bytes);
+            LLAISYS_TILE_LOAD(5, wk, w_bytes);
+            LLAISYS_TILE_DOT_BF16(0, 4, 5);
+            if (np > 1) { LLAISYS_TILE_LOAD(6, wk + 32, w_bytes); LLAISYS_TILE_DOT_BF16(1, 4, 6); }
+            if (np > 2) { LLAISYS_TILE_LOAD(7, wk + 64, w_bytes); LLAISYS_TILE_DOT_BF16(2, 4, 7); }
+            if (np > 3) { LLAISYS_TILE_LOAD(5, wk + 96, w_bytes); LLAISYS_TILE_DOT_BF16(3, 4, 5); }
+        }
+    }
+    float* second_rows = tile + 16 * np * kPanel;
+    if (second > 0) {
+        LLAISYS_TILE_STORE(0, tile, out_bytes); LLAISYS_TILE_STORE(2, second_rows, out_bytes);
+        if (np > 1) { LLAISYS_TILE_STORE(1, tile + kPanel, out_bytes); LLAISYS_TILE_STORE(3, second_rows + kPanel, out_bytes); }
+    } else {
+        LLAISYS_TILE_STORE(0, tile, out_bytes);
+        if (np > 1) LLAISYS_TILE_STORE(1, tile + kPanel, out_bytes);
+        if (np > 2) LLAISYS_TILE_STORE(2, tile + 2 * kPanel, out_bytes);
+        if (np > 3) LLAISYS_TILE_STORE(3, tile + 3 * kPanel, out_bytes);
+    }
 }
 #else
 // f32 lhs holding x rounded to bf16: the same products as the bf16 instructions compute.
@@ -157,6 +220,17 @@ bool on_prompt_tiles(const PackedPart& part, int64_t M) {
     return is_quantized(part.dtype) && M > kFewTokens && tiles::amx_prompt_tiles();
 }
 
+// Whether a bf16 part runs on AMX tiles (tile_bf16_amx), for any number of tokens: where the CPU has
+// AMX-BF16 and the k blocks are whole tile steps (32 k). Both conditions are the same on every rank.
+bool on_bf16_tiles(const PackedPart& part, int64_t n_in, int64_t k_block) {
+#if defined(__AVX512BF16__)
+    return part.dtype == DType::BF16 && n_in % 32 == 0 && k_block % 32 == 0 && amx::support().bf16;
+#else
+    (void)part, (void)n_in, (void)k_block;
+    return false;
+#endif
+}
+
 Lhs prepare_lhs(const Tensor& x, const PackedWeight& w) {
     thread_local std::vector<Bf16Lhs> bf16;
     thread_local std::vector<float> f32;
@@ -228,7 +302,9 @@ int64_t k_unit(DType dtype) { return dtype == DType::BF16 ? 2 : (is_quantized(dt
 // Tokens of one unit of a thread's work: an AMX prompt tile's, else all (their tiles then reuse the
 // rows' weights from cache). Splitting tokens too gives many threads enough units on small matrices
 // (a layer's keys are 4 units of rows on AMX).
-int64_t tile_tokens(const PackedPart& part, int64_t M) { return on_prompt_tiles(part, M) ? tiles::kPromptTileTokens : M; }
+int64_t tile_tokens(const PackedPart& part, int64_t M, bool bf16_tiles) {
+    return on_prompt_tiles(part, M) || (bf16_tiles && M > kFewTokens) ? tiles::kPromptTileTokens : M;
+}
 
 // Runs tile (part, first row r0) for tokens [m_begin, m_end) of M over k blocks of k_block columns and
 // hands each result to sink(m0, mt, col0, ncols, tile, ld): tile[m * ld + c] for the part's output
@@ -272,6 +348,20 @@ void run_tile(const Lhs& lhs, const PackedWeight& w, const PackedPart& part, int
     const int64_t p0 = r0 / kPanel, np = (rows + kPanel - 1) / kPanel;
     const int64_t step = part.dtype == DType::BF16 ? kPanel * 2 : kPanel;  // one panel's slice of a k step
     const int64_t row_stride = kGroup * step;
+#if defined(__AVX512BF16__)
+    if (on_bf16_tiles(part, w.n_in, k_block)) {
+        const uint16_t* panel0 = part.panels.data<uint16_t>() + (p0 / kGroup) * part.panels.strides[0] + (p0 % kGroup) * step;
+        for (int64_t m0 = m_begin; m0 < m_end; m0 += tiles::kPromptTileTokens) {
+            const int mt = static_cast<int>(std::min<int64_t>(tiles::kPromptTileTokens, m_end - m0));
+            for (int64_t k0 = 0; k0 < k_padded; k0 += k_block) {
+                tile_bf16_amx(lhs.bf16 + m0 * lhs.ld_bf16, lhs.ld_bf16, mt, panel0, row_stride, static_cast<int>(np),
+                              k0 / unit, std::min(k0 + k_block, k_padded) / unit, tile);
+                sink(m0, mt, part.row_begin + r0, rows, tile, np * kPanel);
+            }
+        }
+        return;
+    }
+#endif
     for (int64_t m0 = m_begin; m0 < m_end; m0 += kTileTokens) {
         const int64_t mt = std::min(kTileTokens, m_end - m0);
         for (int64_t k0 = 0; k0 < k_padded; k0 += k_block) {
@@ -299,7 +389,7 @@ void for_each_tile(const Tensor& x, const PackedWeight& w, int64_t k_block, Sink
     const int64_t M = n_rows(x);
     std::vector<int64_t> first_unit{0};  // per part, then the total
     for (const PackedPart& part : w.parts) {
-        const int64_t rows = tile_rows(part, M), tokens = tile_tokens(part, M);
+        const int64_t rows = tile_rows(part, M), tokens = tile_tokens(part, M, on_bf16_tiles(part, w.n_in, k_block));
         first_unit.push_back(first_unit.back() + (part.n_out + rows - 1) / rows * ((M + tokens - 1) / tokens));
     }
 #pragma omp parallel for schedule(static)
@@ -307,7 +397,7 @@ void for_each_tile(const Tensor& x, const PackedWeight& w, int64_t k_block, Sink
         size_t i = 0;
         while (first_unit[i + 1] <= t) ++i;
         const PackedPart& part = w.parts[i];
-        const int64_t tokens = tile_tokens(part, M), token_units = (M + tokens - 1) / tokens;
+        const int64_t tokens = tile_tokens(part, M, on_bf16_tiles(part, w.n_in, k_block)), token_units = (M + tokens - 1) / tokens;
         const int64_t row_unit = (t - first_unit[i]) / token_units, m_begin = (t - first_unit[i]) % token_units * tokens;
         run_tile(lhs, w, part, row_unit * tile_rows(part, M), M, m_begin, std::min(M, m_begin + tokens), k_block, sink);
     }

@@ -13,14 +13,11 @@
 // per weight byte: decode at 1-2 threads spent more time in them than in reading memory.
 #include <algorithm>
 #include <array>
-#include <cstdlib>
 #include <cstring>
 #include <utility>
-#include <cpuid.h>
 #include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 
+#include "amx.hpp"
 #include "panels.hpp"
 #include "tiles.hpp"
 
@@ -359,46 +356,20 @@ void run(int mt, int nh, const ActivationBlock* x, int64_t ldx, const std::byte*
 // independent quarters a sub-block let the tile unit overlap its products: one 16 x 16 tile at a time
 // ran at 1.3-1.7x the VNNI kernel, four at 1.9x (Q8_0, 128 tokens x 896 x 4864, 1 thread). Scaling
 // the sums costs about as much as the products.
-//
-// The instructions are inline assembly with memory clobbers: GCC 12's AMX intrinsics do not tell the
-// compiler that they read and write memory (its ldtilecfg let it drop the stores that fill the
-// configuration in llama.cpp's build).
 namespace amx {
-
-#define LLAISYS_TILE_ZERO(t) asm volatile("tilezero %%tmm" #t ::: "memory")
-#define LLAISYS_TILE_LOAD(t, p, stride) asm volatile("tileloadd (%0,%1,1), %%tmm" #t ::"r"(p), "r"(stride) : "memory")
-#define LLAISYS_TILE_STORE(t, p) asm volatile("tilestored %%tmm" #t ", (%0,%1,1)" ::"r"(p), "r"(int64_t{64}) : "memory")
-#define LLAISYS_TILE_DOT(c, a, b) asm volatile("tdpbssd %%tmm" #b ", %%tmm" #a ", %%tmm" #c ::: "memory")
+using namespace ops::amx;
 
 // Tile registers: 0-3 the sums of quarter (token half t, panel or group p) at 2t + p, 4-5 the token
 // halves' activations, 6-7 the values of the panels (or of Q6_K's two groups of 16 k: `k` = 16).
-struct alignas(64) Config {
-    uint8_t palette = 1, start_row = 0, reserved[14] = {};
-    uint16_t bytes_per_row[16] = {};
-    uint8_t rows[16] = {};
-    explicit Config(int k) {
-        for (int t = 0; t < 8; ++t) {
-            bytes_per_row[t] = t == 4 || t == 5 ? k : 64;
-            rows[t] = t >= 6 ? k / 4 : 16;
-        }
-    }
-};
-
-// The CPU has AMX-INT8 and Linux lets this process use the tile registers (they must be asked for).
-bool usable() {
-    unsigned a, b, c, d;
-    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 24)) || !(d & (1u << 25))) return false;
-    constexpr long kRequestPermission = 0x1023, kTileData = 18;  // ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA
-    return syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0;
+Config quarters(int k) {
+    Config c;
+    for (int t = 0; t < 8; ++t) c.set(t, t >= 6 ? k / 4 : 16, t == 4 || t == 5 ? k : 64);
+    return c;
 }
 
-// A thread loads a configuration when it needs another one; nothing else in the process uses tiles.
 void configure(int k) {
-    static const Config whole(32), halves(16);
-    thread_local int loaded = 0;
-    if (loaded == k) return;
-    asm volatile("ldtilecfg %0" ::"m"(k == 32 ? whole : halves) : "memory");
-    loaded = k;
+    static const Config whole = quarters(32), halves = quarters(16);
+    ops::amx::configure(k == 32 ? whole : halves);
 }
 
 // The format's values of sub-block j, widened to signed bytes with its offset taken off (Q4_0: 8,
@@ -450,8 +421,8 @@ void multiply(const ActivationBlock* x, const std::byte* const chunks[2], int64_
     LLAISYS_TILE_LOAD(5, x + 16, kBlockBytes);
     LLAISYS_TILE_LOAD(6, values[0], int64_t{64});
     LLAISYS_TILE_LOAD(7, values[1], int64_t{64});
-    LLAISYS_TILE_DOT(0, 4, 6); LLAISYS_TILE_DOT(1, 4, 7); LLAISYS_TILE_DOT(2, 5, 6); LLAISYS_TILE_DOT(3, 5, 7);
-    LLAISYS_TILE_STORE(0, sums[0]); LLAISYS_TILE_STORE(1, sums[1]); LLAISYS_TILE_STORE(2, sums[2]); LLAISYS_TILE_STORE(3, sums[3]);
+    LLAISYS_TILE_DOT_S8(0, 4, 6); LLAISYS_TILE_DOT_S8(1, 4, 7); LLAISYS_TILE_DOT_S8(2, 5, 6); LLAISYS_TILE_DOT_S8(3, 5, 7);
+    LLAISYS_TILE_STORE(0, sums[0], 64); LLAISYS_TILE_STORE(1, sums[1], 64); LLAISYS_TILE_STORE(2, sums[2], 64); LLAISYS_TILE_STORE(3, sums[3], 64);
 }
 
 // Q6_K: one panel's chunk; quarter 2t + g holds token half t's sums over group g (16 k).
@@ -463,17 +434,12 @@ void multiply_groups(const ActivationBlock* x, const std::byte* chunk, int64_t j
     LLAISYS_TILE_LOAD(7, steps + 256, int64_t{64});
     LLAISYS_TILE_LOAD(4, x->q, kBlockBytes);
     LLAISYS_TILE_LOAD(5, x[16].q, kBlockBytes);
-    LLAISYS_TILE_DOT(0, 4, 6); LLAISYS_TILE_DOT(2, 5, 6);
+    LLAISYS_TILE_DOT_S8(0, 4, 6); LLAISYS_TILE_DOT_S8(2, 5, 6);
     LLAISYS_TILE_LOAD(4, x->q + 16, kBlockBytes);
     LLAISYS_TILE_LOAD(5, x[16].q + 16, kBlockBytes);
-    LLAISYS_TILE_DOT(1, 4, 7); LLAISYS_TILE_DOT(3, 5, 7);
-    LLAISYS_TILE_STORE(0, sums[0]); LLAISYS_TILE_STORE(1, sums[1]); LLAISYS_TILE_STORE(2, sums[2]); LLAISYS_TILE_STORE(3, sums[3]);
+    LLAISYS_TILE_DOT_S8(1, 4, 7); LLAISYS_TILE_DOT_S8(3, 5, 7);
+    LLAISYS_TILE_STORE(0, sums[0], 64); LLAISYS_TILE_STORE(1, sums[1], 64); LLAISYS_TILE_STORE(2, sums[2], 64); LLAISYS_TILE_STORE(3, sums[3], 64);
 }
-
-#undef LLAISYS_TILE_ZERO
-#undef LLAISYS_TILE_LOAD
-#undef LLAISYS_TILE_STORE
-#undef LLAISYS_TILE_DOT
 
 // out[m * 32 + p * 16 + r] += one sub-block of token m . row r of panel p, for panels p0 <= p < p1.
 template <DType T>
@@ -549,8 +515,7 @@ void quant_tile(DType type, int mt, int nh, const quant::ActivationBlock* x, int
 
 bool amx_prompt_tiles() {
 #ifdef LLAISYS_ZMM_TILES
-    static const bool usable = !std::getenv("LLAISYS_NO_AMX") && amx::usable();  // the variable: to compare the paths
-    return usable;
+    return ops::amx::support().int8;
 #else
     return false;
 #endif
