@@ -71,24 +71,6 @@ def test_linear(dtype, pack, M, K, N):
 
 
 @pytest.mark.parametrize("pack", [_native.DType.BF16, _native.DType.F32], ids=["bf16", "f32"])
-@pytest.mark.parametrize("K", [96, 40])
-def test_a_token_gets_the_same_bits_alone_in_a_batch_or_in_a_prompt_of_float_weights(pack, K):
-    """Decode, a batch of 3 and a 45-token prompt run different tiles (for bf16 with K a multiple of
-    32, AMX tiles of 16 or 32 tokens where the CPU has AMX-BF16), each output in the same order."""
-    r = rng(K)
-    w = _native.pack_weight(r.standard_normal((70, K)).astype(np.float32), pack)
-    x = r.standard_normal((45, K)).astype(np.float32)
-    prompt, batch = np.zeros((45, 70), np.float32), np.zeros((3, 70), np.float32)
-    _native.linear(prompt, x, w)
-    _native.linear(batch, x[:3], w)
-    for m in range(45):
-        alone = np.zeros((1, 70), np.float32)
-        _native.linear(alone, x[m:m + 1], w)
-        assert np.array_equal(alone[0], prompt[m])
-    assert np.array_equal(batch, prompt[:3])
-
-
-@pytest.mark.parametrize("pack", [_native.DType.BF16, _native.DType.F32], ids=["bf16", "f32"])
 @pytest.mark.parametrize("M,K,N,block", [(1, 64, 48, 16), (5, 128, 33, 32), (12, 96, 20, 8), (40, 192, 70, 64)])
 def test_linear_fixed_is_exact_over_any_split(pack, M, K, N, block):
     r = rng(K)

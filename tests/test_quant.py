@@ -80,14 +80,19 @@ def test_quantized_linear_matches_float64(name, M, N, K):
     assert np.abs(out - expected).max() <= 1e-5 * np.abs(expected).max()
 
 
-@pytest.mark.parametrize("name", TYPES)
-def test_a_token_gets_the_same_bits_alone_in_a_batch_or_in_a_prompt(name):
+@pytest.mark.parametrize("name,cols", [(name, 512) for name in TYPES] + [("BF16", 512), ("BF16", 40), ("F32", 40)])
+def test_a_token_gets_the_same_bits_alone_in_a_batch_or_in_a_prompt(name, cols):
     """Decode and a batch of 3 (a whole group of rows per tile) and a 40-token prompt (AMX tiles of 32
     tokens where the CPU has them, else one register of rows per tile, 8-row tails in 256-bit registers)
-    sum the same integers and scale them in the same order."""
+    sum the same integers and scale them in the same order. Float weights too: bf16 ones run on AMX
+    tiles for every token count where the CPU has AMX-BF16 (and k is a multiple of 32)."""
     r = rng(11)
-    w = _native.pack_weight(quantized(name, random_blocks(name, 104, 512, r)), getattr(_native.DType, name))
-    x = r.standard_normal((40, 512)).astype(np.float32)
+    dtype = getattr(_native.DType, name)
+    if name in TYPES:
+        w = _native.pack_weight(quantized(name, random_blocks(name, 104, cols, r)), dtype)
+    else:
+        w = _native.pack_weight(r.standard_normal((104, cols)).astype(np.float32), dtype)
+    x = r.standard_normal((40, cols)).astype(np.float32)
     prompt, batch = np.zeros((40, 104), np.float32), np.zeros((3, 104), np.float32)
     _native.linear(prompt, x, w)
     _native.linear(batch, x[:3], w)
