@@ -91,7 +91,7 @@ def main():
                 a, b = median[("prefill", n)]
                 row += [a, b, a / b]
             rows.append(row + [us, them, us / them, statistics.median(bandwidth), us / limit, them / limit])
-    print(f"Machine: {machine()}; kernels: {_native.build_info()['isa']}; medians of {args.rounds} alternating rounds")
+    print(f"Machine: {machine()}; kernels: {_native.build_info()['isa']}, AMX tiles: {_native.build_info()['amx']}; medians of {args.rounds} alternating rounds")
     headers = ["type", "threads"]
     for n in PROMPTS:
         headers += [f"pp{n} ours", f"pp{n} llama.cpp", "ratio"]

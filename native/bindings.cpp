@@ -141,6 +141,7 @@ PYBIND11_MODULE(_native, m) {
 #else
         info["isa"] = "generic";
 #endif
+        info["amx"] = ops::amx_tiles();
 #ifdef _OPENMP
         info["openmp"] = true;
 #else

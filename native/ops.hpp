@@ -48,6 +48,10 @@ void append_rows(PackedWeight& fused, const Tensor& w, DType dtype);
 void linear(Tensor& out /*[M, n_out]*/, const Tensor& x /*[M, n_in]*/, const PackedWeight& w,
             const Tensor* bias /*[n_out] or null*/);
 
+// The AMX tiles linear() uses on this CPU with this build: "int8" (prompts on quantized weights),
+// "bf16" (bf16 weights), both ("int8+bf16") or "none".
+std::string amx_tiles();
+
 // Fixed-point partial sums for row-parallel layers: out += round(x W^T) in units of 2^-32 (to nearest), where
 // every k_block-wide slice of n_in contributes its own f32 dot product rounded to fixed point.
 // Integer addition is associative, so summing these partials across any split of n_in into

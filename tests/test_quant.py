@@ -107,6 +107,8 @@ PROMPT_WITHOUT_AMX = """
 import sys, numpy as np
 sys.path.insert(0, "tests")
 from test_quant import TYPES, prompt_products
+from llaisys_chat import _native
+assert _native.build_info()["amx"] == "none"
 np.save(sys.argv[1], np.stack([prompt_products(name) for name in TYPES]))
 """
 

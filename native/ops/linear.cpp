@@ -405,6 +405,16 @@ void for_each_tile(const Tensor& x, const PackedWeight& w, int64_t k_block, Sink
 
 }  // namespace
 
+std::string amx_tiles() {
+    const bool int8 = tiles::amx_prompt_tiles();
+#if defined(__AVX512BF16__)
+    const bool bf16 = amx::support().bf16;
+#else
+    const bool bf16 = false;
+#endif
+    return int8 && bf16 ? "int8+bf16" : int8 ? "int8" : bf16 ? "bf16" : "none";
+}
+
 void linear(Tensor& out, const Tensor& x, const PackedWeight& w, const Tensor* bias) {
     check_rows(out, w.n_out, "linear out");
     LLAISYS_CHECK(n_rows(out) == n_rows(x), "linear: out and x differ in rows");
