@@ -56,7 +56,7 @@ def test_embedding(dtype, vocab, dim, vocab_begin):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("pack", [_native.DType.BF16, _native.DType.F32], ids=["bf16", "f32"])
-@pytest.mark.parametrize("M,K,N", [(1, 16, 16), (3, 40, 37), (9, 64, 100), (17, 130, 33), (1, 7, 5)])
+@pytest.mark.parametrize("M,K,N", [(1, 16, 16), (3, 40, 37), (9, 64, 100), (17, 130, 33), (1, 7, 5), (20, 96, 40), (45, 64, 70)])
 def test_linear(dtype, pack, M, K, N):
     r = rng(M * K + N)
     x = stored(r.standard_normal((M, K)).astype(np.float32), dtype)
