@@ -170,6 +170,22 @@ def test_swiglu(dtype, rows, dim):
     assert_close(out, g / (1 + np.exp(-g)) * values(up), dtype)
 
 
+def test_swiglu_bits_do_not_depend_on_the_column():
+    # Each value is computed alone, in any lane of a vector or of a padded last one: the MLP's
+    # shards then give the same bits for any rank count.
+    r = rng(7)
+    gate = np.concatenate([np.linspace(-100, 100, 41), r.standard_normal(40) * 4]).astype(np.float32)[None]
+    up = r.standard_normal(gate.shape).astype(np.float32)
+    whole = np.empty_like(gate)
+    _native.swiglu(whole, gate, up)
+    for begin, end in [(0, 1), (3, 20), (5, 81), (64, 81)]:
+        part = np.empty((1, end - begin), np.float32)
+        _native.swiglu(part, np.ascontiguousarray(gate[:, begin:end]), np.ascontiguousarray(up[:, begin:end]))
+        np.testing.assert_array_equal(part, whole[:, begin:end])
+    g = gate.astype(np.float64)
+    np.testing.assert_allclose(whole, g / (1 + np.exp(-g)) * up, rtol=1e-6, atol=1e-30)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 5), (4, 33), (2, 3, 16)])
 def test_add(dtype, shape):

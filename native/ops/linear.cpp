@@ -29,6 +29,7 @@ constexpr int64_t kTileTokens = 8, kTilePanelsPrefill = 2, kTilePanelsDecode = 4
 constexpr int64_t kTileTokens = 4, kTilePanelsPrefill = 1, kTilePanelsDecode = 4;
 #endif
 constexpr int kMaxTokens = 8, kMaxPanels = kGroup;
+constexpr int64_t kMaxTileValues = std::max<int64_t>(kMaxTokens * kMaxPanels * kPanel, tiles::kPromptTileTokens * tiles::kPromptTileRows);
 constexpr int64_t kFewTokens = 16;  // up to this many tokens, quantized tiles span a whole group
 static_assert(kGroup % kTilePanelsDecode == 0 && kGroup % kTilePanelsPrefill == 0, "tiles must not straddle groups");
 // Software prefetch distance, in k steps ahead of the tile's loads (measured: 8 to 64 do alike).
@@ -306,13 +307,21 @@ int64_t tile_tokens(const PackedPart& part, int64_t M, bool bf16_tiles) {
     return on_prompt_tiles(part, M) || (bf16_tiles && M > kFewTokens) ? tiles::kPromptTileTokens : M;
 }
 
+// One k block's products for a tile: values[m * ld + c] for tokens m0 + m (m < mt) and the part's
+// output columns col0 + c (c < ncols). A tile's blocks come one after another, from one thread.
+struct TileBlock {
+    int64_t m0, mt, col0, ncols;
+    const float* values;
+    int64_t ld;
+    bool first, last;  // the tile's first and last k block
+};
+
 // Runs tile (part, first row r0) for tokens [m_begin, m_end) of M over k blocks of k_block columns and
-// hands each result to sink(m0, mt, col0, ncols, tile, ld): tile[m * ld + c] for the part's output
-// columns col0 + c, c < ncols.
+// hands each block's result to sink(const TileBlock&).
 template <class Sink>
 void run_tile(const Lhs& lhs, const PackedWeight& w, const PackedPart& part, int64_t r0, int64_t M, int64_t m_begin,
               int64_t m_end, int64_t k_block, Sink& sink) {
-    alignas(64) float tile[std::max<int64_t>(kMaxTokens * kMaxPanels * kPanel, tiles::kPromptTileTokens * tiles::kPromptTileRows)];
+    alignas(64) float tile[kMaxTileValues];
     const int64_t rows = std::min(tile_rows(part, M), part.n_out - r0);
     const int64_t unit = k_unit(part.dtype);
     const int64_t k_padded = part.dtype == DType::BF16 ? lhs.ld_bf16 : w.n_in;
@@ -329,7 +338,7 @@ void run_tile(const Lhs& lhs, const PackedWeight& w, const PackedPart& part, int
                     const int64_t k1 = std::min(k0 + k_block, k_padded);
                     tiles::quant_prompt_tile(part.dtype, lhs.blocks + m0 * lhs.ld_blocks, group,
                                              h0 * tiles::kHalfRows / kPanel, k0 / unit, k1 / unit, tile);
-                    sink(m0, mt, part.row_begin + r0, rows, tile, tiles::kPromptTileRows);
+                    sink(TileBlock{m0, mt, part.row_begin + r0, rows, tile, tiles::kPromptTileRows, k0 == 0, k1 == k_padded});
                 }
             }
             return;
@@ -340,7 +349,7 @@ void run_tile(const Lhs& lhs, const PackedWeight& w, const PackedPart& part, int
                 const int64_t k1 = std::min(k0 + k_block, k_padded);
                 tiles::quant_tile(part.dtype, mt, nh, lhs.blocks + m0 * lhs.ld_blocks, lhs.ld_blocks, group, n_blocks, h0,
                                   k0 / unit, k1 / unit, tile);
-                sink(m0, mt, part.row_begin + r0, rows, tile, nh * tiles::kHalfRows);
+                sink(TileBlock{m0, mt, part.row_begin + r0, rows, tile, nh * tiles::kHalfRows, k0 == 0, k1 == k_padded});
             }
         }
         return;
@@ -354,9 +363,10 @@ void run_tile(const Lhs& lhs, const PackedWeight& w, const PackedPart& part, int
         for (int64_t m0 = m_begin; m0 < m_end; m0 += tiles::kPromptTileTokens) {
             const int mt = static_cast<int>(std::min<int64_t>(tiles::kPromptTileTokens, m_end - m0));
             for (int64_t k0 = 0; k0 < k_padded; k0 += k_block) {
+                const int64_t k1 = std::min(k0 + k_block, k_padded);
                 tile_bf16_amx(lhs.bf16 + m0 * lhs.ld_bf16, lhs.ld_bf16, mt, panel0, row_stride, static_cast<int>(np),
-                              k0 / unit, std::min(k0 + k_block, k_padded) / unit, tile);
-                sink(m0, mt, part.row_begin + r0, rows, tile, np * kPanel);
+                              k0 / unit, k1 / unit, tile);
+                sink(TileBlock{m0, mt, part.row_begin + r0, rows, tile, np * kPanel, k0 == 0, k1 == k_padded});
             }
         }
         return;
@@ -374,7 +384,7 @@ void run_tile(const Lhs& lhs, const PackedWeight& w, const PackedPart& part, int
                 const float* panel0 = part.panels.data<float>() + (p0 / kGroup) * part.panels.strides[0] + (p0 % kGroup) * step;
                 run_float_tile<float, float>(mt, np, lhs.f32 + m0 * lhs.ld_f32, lhs.ld_f32, panel0, row_stride, k0, k1, tile);
             }
-            sink(m0, mt, part.row_begin + r0, rows, tile, np * kPanel);
+            sink(TileBlock{m0, mt, part.row_begin + r0, rows, tile, np * kPanel, k0 == 0, k1 == k_padded});
         }
     }
 }
@@ -426,24 +436,38 @@ void linear(Tensor& out, const Tensor& x, const PackedWeight& w, const Tensor* b
     }
     const int64_t k_all = (w.n_in + 1) / 2 * 2;  // every part's whole k range in one block
     const float* bias_f32 = b.empty() ? nullptr : b.data();
-    for_each_tile(x, w, k_all, [&](int64_t m0, int64_t mt, int64_t col0, int64_t ncols, const float* tile, int64_t ld) {
+    for_each_tile(x, w, k_all, [&](const TileBlock& b) {
         float row[kMaxPanels * kPanel];  // one token's columns of the tile, biased
-        for (int64_t m = 0; m < mt; ++m) {
-            for (int64_t c = 0; c < ncols; ++c) row[c] = tile[m * ld + c] + (bias_f32 ? bias_f32[col0 + c] : 0.0f);
-            from_f32(row_ptr(out, m0 + m) + col0 * block_bytes(out.dtype), out.dtype, row, ncols);
+        for (int64_t m = 0; m < b.mt; ++m) {
+            for (int64_t c = 0; c < b.ncols; ++c) row[c] = b.values[m * b.ld + c] + (bias_f32 ? bias_f32[b.col0 + c] : 0.0f);
+            from_f32(row_ptr(out, b.m0 + m) + b.col0 * block_bytes(out.dtype), out.dtype, row, b.ncols);
         }
     });
 }
 
 namespace {
 
-// dst[c] += v[c] in units of 2^-32, rounded to nearest (even on ties), for c < n. Four at a time
-// through doubles: adding 2^52 + 2^51 leaves the rounded integer in the low mantissa bits, exactly,
-// below 2^51; larger values (and the tail) take the scalar path, clamped so they fit an int64.
+// dst[c] += v[c] in units of 2^-32, rounded to nearest (even on ties), for c < n. With AVX-512,
+// sixteen at a time below 2^30 (|v| * 2^32 is then exact in f32 and fits an int64 conversion); else
+// four at a time through doubles below 2^19 (adding 2^52 + 2^51 leaves the rounded integer in the
+// low mantissa bits, exactly); larger values (and the tail) take the scalar path, clamped so they fit
+// an int64. All three round alike. NaNs take the scalar path.
 void add_fixed(int64_t* dst, const float* v, int64_t n) {
+    int64_t c = 0;
+#if defined(__AVX512DQ__)
+    const __m512 scale16 = _mm512_set1_ps(static_cast<float>(kFixedOne)), small = _mm512_set1_ps(1073741824.0f);
+    for (; c + 16 <= n; c += 16) {
+        const __m512 x = _mm512_loadu_ps(v + c);
+        if (_mm512_cmp_ps_mask(_mm512_abs_ps(x), small, _CMP_NLT_UQ)) break;
+        const __m512 units = _mm512_mul_ps(x, scale16);
+        const __m512i lo = _mm512_cvt_roundps_epi64(_mm512_castps512_ps256(units), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        const __m512i hi = _mm512_cvt_roundps_epi64(_mm512_extractf32x8_ps(units, 1), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        _mm512_storeu_si512(dst + c, _mm512_add_epi64(_mm512_loadu_si512(dst + c), lo));
+        _mm512_storeu_si512(dst + c + 8, _mm512_add_epi64(_mm512_loadu_si512(dst + c + 8), hi));
+    }
+#endif
     const __m256d scale = _mm256_set1_pd(kFixedOne), magic = _mm256_set1_pd(6755399441055744.0);
     const __m256d limit = _mm256_set1_pd(2251799813685248.0), sign = _mm256_set1_pd(-0.0);
-    int64_t c = 0;
     for (; c + 4 <= n; c += 4) {
         const __m256d d = _mm256_mul_pd(_mm256_cvtps_pd(_mm_loadu_ps(v + c)), scale);
         if (_mm256_movemask_pd(_mm256_cmp_pd(_mm256_andnot_pd(sign, d), limit, _CMP_GE_OQ))) break;
@@ -467,9 +491,17 @@ void linear_fixed(Tensor& out, const Tensor& x, const PackedWeight& w, int64_t k
     for (const PackedPart& part : w.parts)
         LLAISYS_CHECK(k_block > 0 && k_block % k_unit(part.dtype) == 0 && w.n_in % k_block == 0,
                       "linear_fixed: k_block must divide n_in in whole steps of every part's kernel");
-    for_each_tile(x, w, k_block, [&](int64_t m0, int64_t mt, int64_t col0, int64_t ncols, const float* tile, int64_t ld) {
-        for (int64_t m = 0; m < mt; ++m)
-            add_fixed(reinterpret_cast<int64_t*>(row_ptr(out, m0 + m)) + col0, tile + m * ld, ncols);
+    for_each_tile(x, w, k_block, [&](const TileBlock& b) {
+        // The tile's sums stay in this thread's buffer, in cache, over its k blocks, and go to out once.
+        alignas(64) thread_local int64_t sums[kMaxTileValues];
+        const int64_t n = b.mt * b.ld;  // columns past ncols hold the panels' zero padding
+        if (b.first) std::fill(sums, sums + n, int64_t{0});
+        add_fixed(sums, b.values, n);
+        if (!b.last) return;
+        for (int64_t m = 0; m < b.mt; ++m) {
+            int64_t* dst = reinterpret_cast<int64_t*>(row_ptr(out, b.m0 + m)) + b.col0;
+            for (int64_t c = 0; c < b.ncols; ++c) dst[c] += sums[m * b.ld + c];
+        }
     });
 }
 

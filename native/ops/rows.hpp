@@ -46,7 +46,8 @@ inline void store_row(const Tensor& t, int64_t r, const float* values) {
     from_f32(row_ptr(t, r), t.dtype, values, t.size(-1));
 }
 
-// out[r][i] = f(a[r][i], b[r][i]) over rows of equal length, in f32: the elementwise binary ops.
+// The elementwise binary ops over rows of equal length, in f32: f(a_row, b_row, out_row, n) computes
+// out[r][i] from a[r][i] and b[r][i] alone, for i < n.
 template <class F>
 void elementwise(Tensor& out, const Tensor& a, const Tensor& b, const char* name, F f) {
     int64_t dim = out.size(-1);
@@ -64,7 +65,7 @@ void elementwise(Tensor& out, const Tensor& a, const Tensor& b, const char* name
         for (int64_t r = 0; r < rows; ++r) {
             const float* ar = row_f32(a, r, as);
             const float* br = row_f32(b, r, bs);
-            for (int64_t i = 0; i < dim; ++i) y[i] = f(ar[i], br[i]);
+            f(ar, br, y.data(), dim);
             store_row(out, r, y.data());
         }
     }
