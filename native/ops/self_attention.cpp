@@ -6,39 +6,11 @@
 #include <vector>
 
 #include "../ops.hpp"
+#include "lanes.hpp"
 #include "rows.hpp"
 
 namespace llaisys::ops {
 namespace {
-
-// Vectors of the machine's register width: GCC spills wider ones through the stack.
-#if defined(__AVX512F__)
-constexpr int kLanes = 16;
-#else
-constexpr int kLanes = 8;
-#endif
-typedef float f32xL __attribute__((vector_size(kLanes * 4)));
-typedef uint32_t u32xL __attribute__((vector_size(kLanes * 4)));
-typedef uint16_t u16xL __attribute__((vector_size(kLanes * 2)));
-typedef int32_t int32xL __attribute__((vector_size(kLanes * 4)));
-
-// a * b + c, rounded once. Explicit, so that every path below makes the same roundings whatever the
-// compiler would contract.
-inline f32xL fused(f32xL a, f32xL b, f32xL c) {
-#if defined(__AVX512F__)
-    return (f32xL)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
-#else
-    return (f32xL)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
-#endif
-}
-
-inline f32xL splat(float x) {
-#if defined(__AVX512F__)
-    return (f32xL)_mm512_set1_ps(x);
-#else
-    return (f32xL)_mm256_set1_ps(x);
-#endif
-}
 
 // kLanes cache elements widened to f32 (bf16 is a 16-bit shift; f16 goes through the scalar path).
 template <class T>
@@ -91,28 +63,6 @@ inline void axpy(float* acc, float weight, const T* v, int64_t d, DType dtype) {
         }
     }
     for (; i < d; ++i) acc[i] += weight * widen(v[i], dtype);
-}
-
-// e^x for x <= 0, kLanes at a time (Cephes' polynomial for expf): glibc's scalar expf took most of
-// a prefill's attention. Below -87, e^x (< 2e-38) is flushed to about that.
-inline f32xL exp_lanes(f32xL x) {
-    const f32xL low = splat(-87.0f);
-    x = x < low ? low : x;
-    const f32xL t = x * 1.44269504088896341f + 0.5f;
-    f32xL n = __builtin_convertvector(__builtin_convertvector(t, int32xL), f32xL);  // toward zero
-    n = n > t ? n - 1.0f : n;                                                         // floor(t)
-    const f32xL r = x - n * 0.693359375f + n * 2.12194440e-4f;
-    f32xL p = splat(1.9875691500e-4f);
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    const int32xL scale = (__builtin_convertvector(n, int32xL) + 127) << 23;
-    f32xL two_n;
-    std::memcpy(&two_n, &scale, sizeof two_n);
-    return p * two_n;
 }
 
 // scores[0, n) <- softmax(scores * scale), kLanes at a time; the last, partial vector is padded
