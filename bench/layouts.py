@@ -2,7 +2,7 @@
 
 For each type, rounds alternate over the layouts (ranks = each power of two up to the cores, threads =
 cores / ranks, each rank bound to its own cores) running bench/mpi_decode.py under mpiexec: greedy
-decode of --tokens tokens after a ~140-token prompt, with the exact reduction. Prints medians (prefill
+decode of --tokens tokens after a ~220-token prompt, with the exact reduction (the second of two replies). Prints medians (prefill
 and decode) and each layout's decode ratio to the best.
 
     python bench/layouts.py MODEL [--cores 16] [--weights bf16 q8_0 q4_0] [--tokens 64] [--rounds 2]
@@ -19,7 +19,7 @@ HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 from common import machine, table  # noqa: E402
 
-# About 140 tokens with the chat template: the reply's prefill stands for llama-bench's pp128.
+# 223 tokens with the chat template: the prefill compares with llama-bench's pp128 (and pp512).
 PROMPT = "Write a long, detailed essay about the history of parallel computing. " + "Context: parallel " * 60
 
 
@@ -27,12 +27,13 @@ def decode(model: str, ranks: int, threads: int, weights: str, tokens: int) -> d
     """One run: prefill and decode tokens/s, and rank 0's resident memory."""
     mpiexec = Path(sys.executable).parent / "mpiexec"
     cmd = [str(mpiexec) if mpiexec.exists() else "mpiexec", "-n", str(ranks), "--map-by", f"slot:PE={threads}",
-           "--bind-to", "core", sys.executable, str(HERE / "mpi_decode.py"), model, PROMPT, str(tokens), "1", "exact",
+           "--bind-to", "core", sys.executable, str(HERE / "mpi_decode.py"), model, PROMPT, str(tokens), "2", "exact",
            str(threads), weights]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL,
                           env={**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"})
     if done.returncode != 0:
         raise SystemExit(f"{ranks} x {threads} {weights} failed:\n{done.stderr[-3000:]}")
+    # The second of two replies: the first also pays for touching fresh buffers (page faults).
     reply = json.loads(done.stdout.strip().splitlines()[-1])
     return {"tok_s": reply["decode_tokens_per_s"], "prefill": reply["prompt_tokens"] / reply["prefill_seconds"],
             "prompt": reply["prompt_tokens"], "rss": reply["ranks"][0]["rss_bytes"] / 2**20}
