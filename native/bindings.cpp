@@ -99,6 +99,10 @@ py::class_<T> plain_struct(py::module_& m, const char* name, const char* doc) {
     return py::class_<T>(m, name, doc).def(py::init([](const py::kwargs& kwargs) { return from_kwargs<T>(kwargs); }));
 }
 
+struct AllReduceHook {
+    AllReduce all_reduce;
+};
+
 }  // namespace
 
 namespace pybind11::detail {
@@ -266,7 +270,21 @@ PYBIND11_MODULE(_native, m) {
         .def_readwrite("comm", &MpiHandles::comm)
         .def_readwrite("f32", &MpiHandles::f32)
         .def_readwrite("i64", &MpiHandles::i64)
-        .def_readwrite("sum", &MpiHandles::sum);
+        .def_readwrite("sum", &MpiHandles::sum)
+        .def_readwrite("shared", &MpiHandles::shared)
+        .def_readwrite("rank", &MpiHandles::rank)
+        .def_readwrite("ranks", &MpiHandles::ranks);
+    // (A struct around the std::function: pybind11 converts std::function itself to and from Python callables.)
+    py::class_<AllReduceHook>(m, "AllReduce", "The model's all-reduce hook, callable on its own (tests, benchmarks).")
+        .def(py::init([](const MpiHandles& h) { return AllReduceHook{mpi_all_reduce(h)}; }), py::arg("handles"))
+        .def("__call__", [](const AllReduceHook& hook, Tensor& t) {
+            py::gil_scoped_release nogil;
+            hook.all_reduce(t);
+        }, py::arg("array"), "Sums the array over ranks, in place (contiguous f32 or i64). Collective.");
+    py::class_<SharedSegment, std::shared_ptr<SharedSegment>>(
+        m, "SharedSegment", "A file (in /dev/shm) that all ranks on one host map, for their all-reduce.")
+        .def(py::init<int, size_t>(), py::arg("fd"), py::arg("bytes"))
+        .def_static("bytes_for", &SharedSegment::bytes_for, py::arg("ranks"));
 
     py::class_<KVCache>(m, "KVCache")
         .def_readonly("capacity", &KVCache::capacity)

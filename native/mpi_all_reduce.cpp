@@ -10,6 +10,7 @@ namespace llaisys {
 using MpiAllreduce = int (*)(const void* send, void* recv, int count, intptr_t datatype, intptr_t op, intptr_t comm);
 
 AllReduce mpi_all_reduce(const MpiHandles& h) {
+    if (h.shared) return shared_all_reduce(h.shared, h.rank, h.ranks);
     LLAISYS_CHECK(h.allreduce != 0 && h.comm != 0, "MPI handles are missing");
     auto allreduce = reinterpret_cast<MpiAllreduce>(h.allreduce);
     // A separate receive buffer spares us MPI_IN_PLACE, whose value differs between MPI libraries.

@@ -31,12 +31,31 @@ TINY_LAYOUTS = [
 ]
 
 
-def tokens_on_ranks(n, model, runs, reduction="exact", weights="auto", batched=False):
+def tokens_on_ranks(n, model, runs, reduction="exact", weights="auto", batched=False, env=None):
     spec = json.dumps({"model": str(model), "runs": runs, "reduction": reduction, "weights": weights,
                        "batched": batched})
-    result = mpiexec(n, sys.executable, SCRIPT, spec)
+    result = mpiexec(n, sys.executable, SCRIPT, spec, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("n", [2, 3, 5])
+def test_all_reduce_sums_over_ranks_through_shared_memory_and_mpi(n):
+    result = mpiexec(n, sys.executable, Path(__file__).parent / "mpi_all_reduce.py")
+    assert result.returncode == 0, result.stderr[-3000:]
+    got = json.loads(result.stdout.strip().splitlines()[-1])
+    assert got["paths"] == ["mpi", "shared"]  # ranks on one host reduce through a shared segment
+    assert got["wrong"] == []
+    assert got["left"] == [[]] * n  # the segment's file is gone once every rank has mapped it
+
+
+def test_shared_memory_and_mpi_reductions_give_the_same_tokens(tiny_models):
+    model = tiny_models(**TINY_LAYOUTS[0])
+    runs = [dict(prompt=PROMPTS[0], max_new_tokens=12, temperature=0.0)]
+    shared = tokens_on_ranks(3, model, runs)
+    over_mpi = tokens_on_ranks(3, model, runs, env={"LLAISYS_REDUCE": "mpi"})
+    assert shared["ranks_agree"] and over_mpi["ranks_agree"]
+    assert shared["tokens"] == over_mpi["tokens"] == tokens_on_ranks(1, model, runs)["tokens"]
 
 
 def test_split_is_contiguous_and_balanced():

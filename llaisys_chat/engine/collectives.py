@@ -3,6 +3,7 @@
 Both offer the same few collectives, so the engine runs one code path for any number of ranks.
 """
 import os
+import uuid
 
 import numpy as np
 
@@ -57,10 +58,51 @@ class MPIGroup(SingleProcess):
 
     def native_mpi(self) -> "_native.MpiHandles":
         """Handles for the native model's all-reduce: MPI_Allreduce's address and this communicator's
-        handles, so that the engine calls MPI directly (no Python, no GIL, no MPI build dependency)."""
+        handles, so that the engine calls MPI directly (no Python, no GIL, no MPI build dependency);
+        and where all ranks share one host, a memory segment they all map, which the engine then
+        reduces through instead (native/shared_all_reduce.hpp). Collective."""
         MPI = self._mpi
-        return _native.MpiHandles(allreduce=_mpi_allreduce_address(), comm=MPI._handleof(self.comm),
-                                  f32=MPI._handleof(MPI.FLOAT), i64=MPI._handleof(MPI.INT64_T), sum=MPI._handleof(MPI.SUM))
+        handles = _native.MpiHandles(allreduce=_mpi_allreduce_address(), comm=MPI._handleof(self.comm),
+                                     f32=MPI._handleof(MPI.FLOAT), i64=MPI._handleof(MPI.INT64_T),
+                                     sum=MPI._handleof(MPI.SUM), rank=self.rank, ranks=self.size)
+        handles.shared = self._shared_segment()
+        return handles
+
+    def _shared_segment(self) -> "_native.SharedSegment | None":
+        """A zero-filled file in /dev/shm that every rank has mapped, when all ranks share one host
+        (and LLAISYS_REDUCE is not "mpi"); else, or if any rank could not map it, None. Rank 0
+        removes the file once all have mapped it: nothing is left behind, even by a crash."""
+        MPI = self._mpi
+        node = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
+        one_host = node.Get_size() == self.size
+        node.Free()
+        if self.size == 1 or not one_host or os.environ.get("LLAISYS_REDUCE") == "mpi":
+            return None
+        nbytes = _native.SharedSegment.bytes_for(self.size)
+        path, fd, segment = None, -1, None
+        if self.rank == 0:
+            try:
+                path = f"/dev/shm/llaisys-reduce-{os.getpid()}-{uuid.uuid4().hex}"
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+                os.ftruncate(fd, nbytes)
+            except OSError:
+                path = None
+        path = self.comm.bcast(path, root=0)
+        if path is None:
+            return None
+        try:
+            if self.rank != 0:
+                fd = os.open(path, os.O_RDWR)
+            segment = _native.SharedSegment(fd, nbytes)
+        except (OSError, RuntimeError):  # the native mapping failed
+            segment = None
+        finally:
+            if fd >= 0:
+                os.close(fd)
+        self.comm.Barrier()
+        if self.rank == 0:
+            os.unlink(path)
+        return segment if self.comm.allreduce(segment is not None, op=MPI.LAND) else None
 
     def maxloc(self, value: float, index: int) -> tuple[float, int]:
         self._pair[0] = (value, index)

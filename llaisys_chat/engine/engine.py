@@ -39,6 +39,7 @@ class Engine:
                  weights: str = "auto", reduction: str = "exact", cache_slots: int = 4):
         self.group = group or SingleProcess()
         self.threads = threads or default_threads(self.group)  # collective: before anything can fail
+        self._links = self.group.native_mpi()  # collective too (the ranks may map a shared segment)
         error = None
         try:
             self._load(model, max_context, weights, reduction, cache_slots)
@@ -61,7 +62,7 @@ class Engine:
         options = _native.Qwen2Options(cache=getattr(_native.DType, cache_type(types).upper()), threads=self.threads,
                                        reduction=getattr(_native.Reduction, reduction.upper()),
                                        ffn_block=self.plan.ffn_block)
-        self.model = _native.Qwen2(native_config(self.config), self.plan.native(), options, mpi=self.group.native_mpi())
+        self.model = _native.Qwen2(native_config(self.config), self.plan.native(), options, mpi=self._links)
         load_weights(self.model, checkpoint, self.plan, self.config, types)
         del checkpoint  # unmap the file: only the packed shard stays resident
         self.max_context = max_context or min(self.config.max_position_embeddings, DEFAULT_MAX_CONTEXT)
