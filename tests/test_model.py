@@ -52,8 +52,8 @@ def test_sharded_checkpoint_loads_like_single_file(tiny_models):
 
 @pytest.mark.parametrize("weights", ["bf16", "q8_0"])
 def test_threads_do_not_change_results(tiny_models, weights):
-    # Threads split the work by the thread count (a decode step's matrices into units of 64, 32
-    # or 16 rows), never a sum: a prompt and then decode steps give the same bits for any count.
+    # Threads split rows and tokens, never a sum: a prompt and then decode steps give the same bits
+    # for any count, more threads than a small matrix has units of work included.
     folder = tiny_models(layers=2, hidden=128, heads=4, kv_heads=2, ffn=512, dtype="bf16")
     tokens = list(range(30, 60))
     chunks = [20, 1, 1, 1, 4, 3]

@@ -12,10 +12,6 @@
 #include <type_traits>
 #include <utility>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 #include "../ops.hpp"
 #include "../quant.hpp"
 #include "amx.hpp"
@@ -301,23 +297,6 @@ int64_t tile_rows(const PackedPart& part, int64_t M) {
     return (M <= kFewTokens ? kTilePanelsDecode : kTilePanelsPrefill) * kPanel;
 }
 
-// Rows of a decode unit of work, for all of w's parts: a whole group (tile_rows) streams best, but a
-// matrix of few groups over many threads leaves some threads idle while others take two (a layer's
-// fused q, k and v are 18 groups: at 16 threads, two threads do twice the others' work). So take
-// units of 64, 32 or 16 rows, whichever leaves the busiest thread the fewest rows (ties to the
-// larger). Never less than a panel: a panel's two halves share cache lines. The rows' results do not
-// depend on the unit: each row is summed alone, in one order.
-int64_t decode_unit_rows(const PackedWeight& w, int64_t M, int threads) {
-    int64_t best = 0, best_busiest = 0;
-    for (int64_t rows = tile_rows(w.parts.front(), M); rows >= kPanel; rows /= 2) {
-        int64_t units = 0;
-        for (const PackedPart& part : w.parts) units += (part.n_out + rows - 1) / rows;
-        const int64_t busiest = (units + threads - 1) / threads * rows;
-        if (best == 0 || busiest < best_busiest) best = rows, best_busiest = busiest;
-    }
-    return best;
-}
-
 // k in the units the part's kernel steps through: bf16 k-pairs, f32 k, quantized 32-value sub-blocks.
 int64_t k_unit(DType dtype) { return dtype == DType::BF16 ? 2 : (is_quantized(dtype) ? 32 : 1); }
 
@@ -337,13 +316,13 @@ struct TileBlock {
     bool first, last;  // the tile's first and last k block
 };
 
-// Runs tile (part, rows r0 .. r0 + unit_rows) for tokens [m_begin, m_end) of M over k blocks of k_block columns and
+// Runs tile (part, first row r0) for tokens [m_begin, m_end) of M over k blocks of k_block columns and
 // hands each block's result to sink(const TileBlock&).
 template <class Sink>
-void run_tile(const Lhs& lhs, const PackedWeight& w, const PackedPart& part, int64_t r0, int64_t unit_rows, int64_t M,
-              int64_t m_begin, int64_t m_end, int64_t k_block, Sink& sink) {
+void run_tile(const Lhs& lhs, const PackedWeight& w, const PackedPart& part, int64_t r0, int64_t M, int64_t m_begin,
+              int64_t m_end, int64_t k_block, Sink& sink) {
     alignas(64) float tile[kMaxTileValues];
-    const int64_t rows = std::min(unit_rows, part.n_out - r0);
+    const int64_t rows = std::min(tile_rows(part, M), part.n_out - r0);
     const int64_t unit = k_unit(part.dtype);
     const int64_t k_padded = part.dtype == DType::BF16 ? lhs.ld_bf16 : w.n_in;
     if (is_quantized(part.dtype)) {
@@ -418,17 +397,9 @@ void for_each_tile(const Tensor& x, const PackedWeight& w, int64_t k_block, Sink
     LLAISYS_CHECK(x.size(-1) == w.n_in, "linear: x has the wrong number of columns");
     const Lhs lhs = prepare_lhs(x, w);
     const int64_t M = n_rows(x);
-#ifdef _OPENMP
-    const int threads = omp_get_max_threads();
-#else
-    const int threads = 1;
-#endif
-    const int64_t decode_rows = M <= kFewTokens ? decode_unit_rows(w, M, threads) : 0;
-    std::vector<int64_t> first_unit{0}, unit_rows;  // per part (first_unit then the total)
+    std::vector<int64_t> first_unit{0};  // per part, then the total
     for (const PackedPart& part : w.parts) {
-        const int64_t rows = decode_rows ? decode_rows : tile_rows(part, M);
-        const int64_t tokens = tile_tokens(part, M, on_bf16_tiles(part, w.n_in, k_block));
-        unit_rows.push_back(rows);
+        const int64_t rows = tile_rows(part, M), tokens = tile_tokens(part, M, on_bf16_tiles(part, w.n_in, k_block));
         first_unit.push_back(first_unit.back() + (part.n_out + rows - 1) / rows * ((M + tokens - 1) / tokens));
     }
 #pragma omp parallel for schedule(static)
@@ -438,8 +409,7 @@ void for_each_tile(const Tensor& x, const PackedWeight& w, int64_t k_block, Sink
         const PackedPart& part = w.parts[i];
         const int64_t tokens = tile_tokens(part, M, on_bf16_tiles(part, w.n_in, k_block)), token_units = (M + tokens - 1) / tokens;
         const int64_t row_unit = (t - first_unit[i]) / token_units, m_begin = (t - first_unit[i]) % token_units * tokens;
-        run_tile(lhs, w, part, row_unit * unit_rows[i], unit_rows[i], M, m_begin, std::min(M, m_begin + tokens), k_block,
-                 sink);
+        run_tile(lhs, w, part, row_unit * tile_rows(part, M), M, m_begin, std::min(M, m_begin + tokens), k_block, sink);
     }
 }
 
