@@ -71,7 +71,7 @@ class MPIGroup(SingleProcess):
     def _shared_segment(self) -> "_native.SharedSegment | None":
         """A zero-filled file in /dev/shm that every rank has mapped, when all ranks share one host
         (and LLAISYS_REDUCE is not "mpi"); else, or if any rank could not map it, None. Rank 0
-        removes the file once all have mapped it: nothing is left behind, even by a crash."""
+        removes the file as soon as all have mapped it, so none is left behind."""
         MPI = self._mpi
         node = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
         one_host = node.Get_size() == self.size
@@ -79,23 +79,17 @@ class MPIGroup(SingleProcess):
         if self.size == 1 or not one_host or os.environ.get("LLAISYS_REDUCE") == "mpi":
             return None
         nbytes = _native.SharedSegment.bytes_for(self.size)
-        path, fd, segment = None, -1, None
-        if self.rank == 0:
-            try:
-                path = f"/dev/shm/llaisys-reduce-{os.getpid()}-{uuid.uuid4().hex}"
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-                os.ftruncate(fd, nbytes)
-            except OSError:
-                path = None
+        path, fd = _new_segment_file(nbytes) if self.rank == 0 else (None, -1)
         path = self.comm.bcast(path, root=0)
         if path is None:
             return None
+        segment = None
         try:
             if self.rank != 0:
                 fd = os.open(path, os.O_RDWR)
             segment = _native.SharedSegment(fd, nbytes)
         except (OSError, RuntimeError):  # the native mapping failed
-            segment = None
+            pass
         finally:
             if fd >= 0:
                 os.close(fd)
@@ -137,6 +131,22 @@ class MPIGroup(SingleProcess):
         """Into `out`, which has the sent array's shape and type."""
         self.comm.Recv([out.reshape(-1).view(np.uint8), self._mpi.BYTE], source=source, tag=_TRANSFER_TAG)
         return out
+
+
+def _new_segment_file(nbytes: int) -> tuple[str | None, int]:
+    """A new zero-filled file of nbytes in /dev/shm, open: (path, fd), or (None, -1) if it cannot be had.
+    Its space is reserved, not just sized: a full /dev/shm (a container's is often 64 MB) fails here,
+    and the ranks use MPI, instead of raising SIGBUS at the first touch of a page."""
+    path, fd = f"/dev/shm/llaisys-reduce-{os.getpid()}-{uuid.uuid4().hex}", -1
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        os.posix_fallocate(fd, 0, nbytes)
+        return path, fd
+    except OSError:
+        if fd >= 0:
+            os.close(fd)
+            os.unlink(path)
+        return None, -1
 
 
 def _mpi_allreduce_address() -> int:
