@@ -8,6 +8,7 @@
 #   bench/out/dev/   make_gguf.py and the model's metadata (../shared/tools/device16/)
 #
 #   bash bench/device16.sh SHAPE OUT [TYPES...]      SHAPE: 05 (0.5B) or 15 (1.5B)
+# LAYOUTS="--layouts 8x1 16x1 --reductions exact fast" passes its words on to bench/layouts.py.
 set -e
 shape=$1 out=$2; shift 2
 types=${*:-bf16 q8_0 q4_0}
@@ -27,5 +28,6 @@ python3 bench/out/dev/make_gguf.py bench/out/dev/meta$shape.json.gz /tmp/m-bf16.
 for t in $types; do
     [ "$t" = bf16 ] || /tmp/lb/bin/llama-quantize /tmp/m-bf16.gguf /tmp/m-$t.gguf "${t^^}" > /dev/null 2>&1
     /tmp/lb/bin/llama-bench -m /tmp/m-$t.gguf -t 16,8 -p 128 -n 64 -r 2 -o md 2>/dev/null | tee -a "$out"
-    python3 bench/layouts.py /tmp/m-$t.gguf --cores 16 --weights auto --rounds 1 --tokens 48 | tail -8 | tee -a "$out"
+    python3 bench/layouts.py /tmp/m-$t.gguf --cores 16 --weights auto --rounds 1 --tokens 48 $LAYOUTS \
+        | sed -n '/^Machine:/,$p' | tee -a "$out"
 done
