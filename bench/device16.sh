@@ -28,6 +28,7 @@ python3 bench/out/dev/make_gguf.py bench/out/dev/meta$shape.json.gz /tmp/m-bf16.
 for t in $types; do
     [ "$t" = bf16 ] || /tmp/lb/bin/llama-quantize /tmp/m-bf16.gguf /tmp/m-$t.gguf "${t^^}" > /dev/null 2>&1
     /tmp/lb/bin/llama-bench -m /tmp/m-$t.gguf -t 16,8 -p 128 -n 64 -r 2 -o md 2>/dev/null | tee -a "$out"
-    python3 bench/layouts.py /tmp/m-$t.gguf --cores 16 --weights auto --rounds 1 --tokens 48 $LAYOUTS \
-        | sed -n '/^Machine:/,$p' | tee -a "$out"
+    python3 bench/layouts.py /tmp/m-$t.gguf --cores 16 --weights auto --rounds 1 --tokens 48 $LAYOUTS > /tmp/layouts.txt
+    cat /tmp/layouts.txt >> "$out"  # every run's figures; the table alone to the screen
+    sed -n '/^Machine:/,$p' /tmp/layouts.txt
 done
