@@ -203,6 +203,14 @@ def test_argmax_takes_the_lowest_index_of_ties(dtype):
     assert _native.argmax(x) == (5.0, 1)
     big = stored(rng().standard_normal(1000).astype(np.float32), dtype)
     assert _native.argmax(big)[1] == int(np.argmax(values(big)))
+    # Ties and NaNs in different vector lanes and in the tail, and rows with nothing above -inf.
+    row = np.full(1003, -4.0, np.float32)
+    row[[7, 40, 1001]] = 2.5
+    row[[3, 500, 1002]] = np.nan
+    assert _native.argmax(stored(row, dtype)) == (2.5, 7)
+    row[7] = row[40] = -4.0
+    assert _native.argmax(stored(row, dtype)) == (2.5, 1001)
+    assert _native.argmax(stored(np.array([np.nan, -np.inf, np.nan], np.float32), dtype)) == (-np.inf, 0)
 
 
 def test_top_k_orders_by_value_then_index():
@@ -222,6 +230,23 @@ def test_gumbel_argmax_equals_brute_force(temperature):
         score, token = _native.gumbel_argmax(x, inv_t, 7, step, 100)
         assert token == 100 + int(np.argmax(x * inv_t + noise))
         assert score == pytest.approx(float(np.max(x * inv_t + noise)))
+
+
+def test_gumbel_argmax_on_a_vocabulary_with_ties_nans_and_infinities():
+    """A vocabulary-sized row (its length not a multiple of 8), a tie at the top, NaNs and -inf: the
+    winner is still the brute-force one, ties to the lowest id; a row of nothing but NaN and -inf
+    gives -inf at the first id."""
+    x = (rng().standard_normal(151_939) * 3).astype(np.float32)
+    x[[10, 20_000]] = x.max() + 1  # two tokens tie for the largest logit
+    x[[5, 77_777, 151_938]] = np.nan
+    x[[6, 151_937]] = -np.inf
+    ids = np.arange(1000, 1000 + len(x))
+    for step in range(6):
+        for inv_t in (np.float32(1.0), np.float32(1 / 0.7), np.float32(1 / 3.0)):
+            scores = x * inv_t + _native.gumbel_noise(11, step, ids)
+            score, token = _native.gumbel_argmax(x, inv_t, 11, step, 1000)
+            assert token == 1000 + int(np.nanargmax(scores)) and score == float(np.nanmax(scores))
+    assert _native.gumbel_argmax(np.array([np.nan, -np.inf], np.float32), 1.0, 1, 2, 50) == (-np.inf, 50)
 
 
 def test_gumbel_noise_is_keyed_not_sequential():

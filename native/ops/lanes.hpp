@@ -62,4 +62,30 @@ inline f32xL exp_lanes(f32xL x) {
     return p * two_n;
 }
 
+// Whether any lane of x is at least t (NaN lanes are not).
+inline bool any_at_least(f32xL x, float t) {
+#if defined(__AVX512F__)
+    return _mm512_cmp_ps_mask((__m512)x, _mm512_set1_ps(t), _CMP_GE_OQ) != 0;
+#else
+    return _mm256_movemask_ps(_mm256_cmp_ps((__m256)x, _mm256_set1_ps(t), _CMP_GE_OQ)) != 0;
+#endif
+}
+
+// The largest of v[i] * scale over i < n, NaNs skipped (they compare false); -inf when there is none.
+inline float largest_scaled(const float* v, int64_t n, float scale) {
+    constexpr float kLowest = -__builtin_inff();
+    f32xL lanes = splat(kLowest);
+    int64_t i = 0;
+    for (; i + kLanes <= n; i += kLanes) {
+        f32xL chunk;
+        std::memcpy(&chunk, v + i, sizeof chunk);
+        chunk *= scale;
+        lanes = chunk > lanes ? chunk : lanes;
+    }
+    float best = kLowest;
+    for (int l = 0; l < kLanes; ++l) best = lanes[l] > best ? lanes[l] : best;
+    for (; i < n; ++i) best = v[i] * scale > best ? v[i] * scale : best;
+    return best;
+}
+
 }  // namespace llaisys::ops
