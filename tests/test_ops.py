@@ -144,9 +144,10 @@ def test_self_attention(dtype, M, H, H_kv, d, n_past, capacity):
 @pytest.mark.parametrize("d", [16, 64])
 def test_self_attention_bits_do_not_depend_on_the_call(dtype, d):
     """A prefill's queries (many per call: heads widened once) give the very bits they give one per
-    call (decode), so a prompt's keys are the same whether it came alone, in chunks or batched."""
+    call (decode, which scores whole vectors of keys at once, then the rest one by one), so a prompt's
+    keys are the same whether it came alone, in chunks or batched."""
     r = rng(d)
-    M, H, H_kv, n_past = 20, 4, 2, 3
+    M, H, H_kv, n_past = 20, 4, 2, 37
     k_cache, v_cache = (stored(r.standard_normal((H_kv, n_past + M, d)).astype(np.float32), dtype) for _ in range(2))
     q = stored(r.standard_normal((M, H, d)).astype(np.float32), dtype)
     heads = [h // 2 for h in range(H)]

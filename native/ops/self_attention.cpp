@@ -32,6 +32,15 @@ inline float widen(T v, DType dtype) {
     else return dtype == DType::F16 ? f16_to_f32(v) : bf16_to_f32(v);
 }
 
+// The sum of a vector's lanes by folding halves: lane l + lane l + kLanes/2, then the same on the
+// first half, down to one. scores_of_block() makes this order for kLanes keys at once with a few
+// shuffles, where adding the lanes one after another cost a chain of kLanes dependent adds per key.
+inline float fold_lanes(f32xL v) {
+    for (int width = kLanes / 2; width >= 1; width /= 2)
+        for (int lane = 0; lane < width; ++lane) v[lane] = v[lane] + v[lane + width];
+    return v[0];
+}
+
 // q . k over d elements; the vector path serves f32 and bf16 caches.
 template <class T>
 inline float dot(const float* q, const T* k, int64_t d, DType dtype) {
@@ -44,10 +53,63 @@ inline float dot(const float* q, const T* k, int64_t d, DType dtype) {
             std::memcpy(&qv, q + i, sizeof qv);
             acc = fused(qv, load_lanes(k + i), acc);
         }
-        for (int lane = 0; lane < kLanes; ++lane) total += acc[lane];
+        total = fold_lanes(acc);
     }
     for (; i < d; ++i) total += q[i] * widen(k[i], dtype);
     return total;
+}
+
+// Two vectors of keys' partial sums folded once: the low halves of each key's lanes plus the high
+// halves, lane groups of `width` (the halves' size) taken from a then from b, in key order.
+template <int width>
+inline f32xL fold_pair(f32xL a, f32xL b) {
+#if defined(__AVX512F__)
+    if constexpr (width == 8)
+        return __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+               __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    if constexpr (width == 4)
+        return __builtin_shufflevector(a, b, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+               __builtin_shufflevector(a, b, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+    if constexpr (width == 2)
+        return __builtin_shufflevector(a, b, 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+               __builtin_shufflevector(a, b, 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+    if constexpr (width == 1)
+        return __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+               __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+#else
+    if constexpr (width == 4)
+        return __builtin_shufflevector(a, b, 0, 1, 2, 3, 8, 9, 10, 11) + __builtin_shufflevector(a, b, 4, 5, 6, 7, 12, 13, 14, 15);
+    if constexpr (width == 2)
+        return __builtin_shufflevector(a, b, 0, 1, 4, 5, 8, 9, 12, 13) + __builtin_shufflevector(a, b, 2, 3, 6, 7, 10, 11, 14, 15);
+    if constexpr (width == 1)
+        return __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14) + __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15);
+#endif
+}
+
+// Folds `count` vectors (keys in order) at width, then the results at width / 2, down to one
+// vector whose lane j is key j's fold_lanes().
+template <int width>
+inline f32xL fold_keys(f32xL* v, int count) {
+    for (int j = 0; j < count / 2; ++j) v[j] = fold_pair<width>(v[2 * j], v[2 * j + 1]);
+    if constexpr (width == 1) return v[0];
+    else return fold_keys<width / 2>(v, count / 2);
+}
+
+// The scores of q against the kLanes keys k, k + pos_stride, ...: dot() for each, bit for bit.
+template <class T>
+inline void scores_of_block(const float* q, const T* k, int64_t pos_stride, int64_t d, float* scores) {
+    f32xL partial[kLanes];
+    for (int j = 0; j < kLanes; ++j) {
+        f32xL acc = {};
+        for (int64_t i = 0; i < d; i += kLanes) {
+            f32xL qv;
+            std::memcpy(&qv, q + i, sizeof qv);
+            acc = fused(qv, load_lanes(k + j * pos_stride + i), acc);
+        }
+        partial[j] = acc;
+    }
+    const f32xL total = fold_keys<kLanes / 2>(partial, kLanes);
+    std::memcpy(scores, &total, sizeof total);
 }
 
 // acc += weight * v over d elements.
@@ -133,7 +195,7 @@ void widen_head(WidenedHead& out, const T* k, const T* v, int64_t n, int64_t d, 
 }
 
 // Scores of one query against a widened head: the per-key dot()'s operations in its order (lane l
-// of the kLanes partial sums takes dimensions l, l + kLanes, ..., then the lanes are added in turn),
+// of the kLanes partial sums takes dimensions l, l + kLanes, ..., then the lanes fold in halves),
 // kLanes keys at a time, so the results are bit-identical to it.
 inline void widened_scores(const float* q, const WidenedHead& head, int64_t d, int64_t n_keys, float* scores) {
     for (int64_t b = 0; b * kLanes < n_keys; ++b) {
@@ -141,28 +203,45 @@ inline void widened_scores(const float* q, const WidenedHead& head, int64_t d, i
         f32xL partial[kLanes] = {};
         for (int64_t i = 0; i < d; i += kLanes)
             for (int lane = 0; lane < kLanes; ++lane) partial[lane] = fused(splat(q[i + lane]), keys[i + lane], partial[lane]);
-        f32xL total = {};
-        for (int lane = 0; lane < kLanes; ++lane) total += partial[lane];
+        for (int width = kLanes / 2; width >= 1; width /= 2)  // dot()'s fold_lanes order
+            for (int lane = 0; lane < width; ++lane) partial[lane] = partial[lane] + partial[lane + width];
+        const f32xL total = partial[0];
         const int64_t n = std::min<int64_t>(kLanes, n_keys - b * kLanes);
         for (int64_t j = 0; j < n; ++j) scores[b * kLanes + j] = total[j];
     }
 }
 
-// acc = sum_j weights[j] v_j over a widened head, in axpy()'s operations and order.
-inline void widened_values(const WidenedHead& head, int64_t d, int64_t n_keys, const float* weights, float* acc) {
-    constexpr int64_t kChunk = 8 * kLanes;  // accumulators held in registers at a time
+// acc[0, V * kLanes) = sum_j weights[j] v_j for the values v, v + pos_stride, ..., in axpy()'s
+// operations and order. V is a constant so that the V sums stay in registers over all keys.
+template <int V, class T>
+inline void weighted_chunk(const T* v, int64_t pos_stride, int64_t n_keys, const float* weights, float* acc) {
+    f32xL a[V] = {};
+    for (int64_t j = 0; j < n_keys; ++j) {
+        const f32xL w = splat(weights[j]);
+        for (int x = 0; x < V; ++x) a[x] = fused(w, load_lanes(v + j * pos_stride + x * kLanes), a[x]);
+    }
+    std::memcpy(acc, a, sizeof a);
+}
+
+// The same over d (whole vectors) values: a widened head's, or the cache's own. (axpy's load and
+// store of acc per key chained every key to the last through memory; a runtime count of sums left
+// them on the stack.)
+template <class T>
+inline void weighted_values(const T* v, int64_t pos_stride, int64_t d, int64_t n_keys, const float* weights, float* acc) {
+    constexpr int64_t kChunk = 8 * kLanes;
     for (int64_t c0 = 0; c0 < d; c0 += kChunk) {
-        const int64_t vectors = std::min(kChunk, d - c0) / kLanes;
-        f32xL a[kChunk / kLanes] = {};
-        for (int64_t j = 0; j < n_keys; ++j) {
-            const float* v = head.values.data() + j * d + c0;
-            for (int64_t x = 0; x < vectors; ++x) {
-                f32xL vx;
-                std::memcpy(&vx, v + x * kLanes, sizeof vx);
-                a[x] = fused(splat(weights[j]), vx, a[x]);
-            }
+        const T* vc = v + c0;
+        float* ac = acc + c0;
+        switch (std::min(kChunk, d - c0) / kLanes) {
+            case 1: weighted_chunk<1>(vc, pos_stride, n_keys, weights, ac); break;
+            case 2: weighted_chunk<2>(vc, pos_stride, n_keys, weights, ac); break;
+            case 3: weighted_chunk<3>(vc, pos_stride, n_keys, weights, ac); break;
+            case 4: weighted_chunk<4>(vc, pos_stride, n_keys, weights, ac); break;
+            case 5: weighted_chunk<5>(vc, pos_stride, n_keys, weights, ac); break;
+            case 6: weighted_chunk<6>(vc, pos_stride, n_keys, weights, ac); break;
+            case 7: weighted_chunk<7>(vc, pos_stride, n_keys, weights, ac); break;
+            default: weighted_chunk<8>(vc, pos_stride, n_keys, weights, ac); break;
         }
-        std::memcpy(acc + c0, a, vectors * sizeof(f32xL));
     }
 }
 
@@ -201,15 +280,19 @@ void attend(Tensor& out, const Tensor& q, const Tensor& k_cache, const Tensor& v
                     const WidenedHead& head = widened_heads[kv_head_of[h]];
                     attend_query(n_keys, scale, scores,
                                  [&](int64_t n, float* s) { widened_scores(qr, head, d, n, s); },
-                                 [&](int64_t n, const float* w) { widened_values(head, d, n, w, acc.data()); });
+                                 [&](int64_t n, const float* w) { weighted_values(head.values.data(), d, d, n, w, acc.data()); });
                 } else {
                     const T* kh = keys + kv_head_of[h] * head_stride;
                     const T* vh = vals + kv_head_of[h] * head_stride;
                     attend_query(n_keys, scale, scores,
                                  [&](int64_t n, float* s) {
-                                     for (int64_t j = 0; j < n; ++j) s[j] = dot(qr, kh + j * pos_stride, d, dtype);
+                                     int64_t j = 0;
+                                     if (dtype != DType::F16 && d % kLanes == 0)
+                                         for (; j + kLanes <= n; j += kLanes) scores_of_block(qr, kh + j * pos_stride, pos_stride, d, s + j);
+                                     for (; j < n; ++j) s[j] = dot(qr, kh + j * pos_stride, d, dtype);
                                  },
                                  [&](int64_t n, const float* w) {
+                                     if (dtype != DType::F16 && d % kLanes == 0) return weighted_values(vh, pos_stride, d, n, w, acc.data());
                                      std::fill(acc.begin(), acc.end(), 0.0f);
                                      for (int64_t j = 0; j < n; ++j) axpy(acc.data(), w[j], vh + j * pos_stride, d, dtype);
                                  });
