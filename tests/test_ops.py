@@ -121,7 +121,7 @@ def test_rope(dtype, M, H, d, theta):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("M,H,H_kv,d,n_past,capacity", [(1, 2, 1, 8, 0, 4), (4, 4, 2, 16, 3, 10), (6, 6, 3, 8, 0, 6), (1, 14, 2, 64, 20, 32),
-                                                          (9, 2, 1, 16, 0, 9), (12, 4, 2, 64, 5, 24)])
+                                                          (9, 2, 1, 16, 0, 9), (12, 4, 2, 64, 5, 24), (1, 12, 2, 128, 40, 48)])
 def test_self_attention(dtype, M, H, H_kv, d, n_past, capacity):
     from reference import attention
 
@@ -141,16 +141,17 @@ def test_self_attention(dtype, M, H, H_kv, d, n_past, capacity):
 
 
 @pytest.mark.parametrize("dtype", ["f32", "bf16"])
-@pytest.mark.parametrize("d", [16, 64])
+@pytest.mark.parametrize("d", [16, 64, 128])
 def test_self_attention_bits_do_not_depend_on_the_call(dtype, d):
     """A prefill's queries (many per call: heads widened once) give the very bits they give one per
-    call (decode, which scores whole vectors of keys at once, then the rest one by one), so a prompt's
-    keys are the same whether it came alone, in chunks or batched."""
+    call (decode, which reads each key/value head once for a group of query heads, a vector of keys
+    at once, then the rest one by one), so a prompt's keys are the same whether it came alone, in
+    chunks or batched."""
     r = rng(d)
-    M, H, H_kv, n_past = 20, 4, 2, 37
+    M, H, H_kv, n_past = 20, 6, 2, 37
     k_cache, v_cache = (stored(r.standard_normal((H_kv, n_past + M, d)).astype(np.float32), dtype) for _ in range(2))
     q = stored(r.standard_normal((M, H, d)).astype(np.float32), dtype)
-    heads = [h // 2 for h in range(H)]
+    heads = [h // 3 for h in range(H)]
     together = empty((M, H, d), dtype)
     _native.self_attention(together, q, k_cache, v_cache, heads, n_past, 0.125)
     for m in range(M):

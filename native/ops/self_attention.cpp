@@ -3,6 +3,7 @@
 #include <cstring>
 #include <immintrin.h>
 #include <limits>
+#include <omp.h>
 #include <vector>
 
 #include "../ops.hpp"
@@ -245,6 +246,154 @@ inline void weighted_values(const T* v, int64_t pos_stride, int64_t d, int64_t n
     }
 }
 
+// ---- Decode: the query heads that share a key/value head read it once ----
+//
+// Qwen2's heads share key/value heads (0.5B: 7 query heads a key/value head). Read one query head at
+// a time, each key and value is loaded and widened from bf16 once per query head; a group of G heads
+// that share one loads it once for all G, which matters once the context is long (4000 tokens: the
+// widening was most of attention's time). Each head's sums keep dot()'s and axpy()'s order, so the
+// bits do not depend on the grouping.
+
+// Up to this many heads a group: their V-vector value sums then fit the registers (G * V <= 16).
+constexpr int kMaxGroupHeads = 4;
+
+// One position's query heads that read the same key/value head.
+struct HeadGroup {
+    int64_t m, kv;
+    int count;
+    int64_t heads[kMaxGroupHeads];
+};
+
+// The groups for M positions: the query heads of each key/value head in order, cut into groups of
+// up to `size`.
+std::vector<HeadGroup> head_groups(int64_t M, int64_t H_kv, const std::vector<int64_t>& kv_head_of, int size) {
+    std::vector<HeadGroup> groups;
+    for (int64_t m = 0; m < M; ++m)
+        for (int64_t kv = 0; kv < H_kv; ++kv) {
+            HeadGroup g{m, kv, 0, {}};
+            for (int64_t h = 0; h < static_cast<int64_t>(kv_head_of.size()); ++h) {
+                if (kv_head_of[h] != kv) continue;
+                g.heads[g.count++] = h;
+                if (g.count == size) {
+                    groups.push_back(g);
+                    g.count = 0;
+                }
+            }
+            if (g.count > 0) groups.push_back(g);
+        }
+    return groups;
+}
+
+// Scores of G query heads (q[h]: V vectors each) against the kLanes keys from k: each head's
+// scores_of_block(), the keys loaded once.
+template <int V, int G, class T>
+inline void group_scores_of_block(const f32xL (&q)[G][V], const T* k, int64_t pos_stride, float* const (&scores)[G]) {
+    f32xL partial[G][kLanes];
+    for (int j = 0; j < kLanes; ++j) {
+        f32xL acc[G] = {};
+        for (int x = 0; x < V; ++x) {
+            const f32xL key = load_lanes(k + j * pos_stride + x * kLanes);
+            for (int h = 0; h < G; ++h) acc[h] = fused(q[h][x], key, acc[h]);
+        }
+        for (int h = 0; h < G; ++h) partial[h][j] = acc[h];
+    }
+    for (int h = 0; h < G; ++h) {
+        const f32xL total = fold_keys<kLanes / 2>(partial[h], kLanes);
+        std::memcpy(scores[h], &total, sizeof total);
+    }
+}
+
+// One group's attention over keys [0, n_keys) of the head at k, v; out[h] gets head h's result.
+// `scores` holds G rows of `stride` floats.
+template <int V, int G, class T>
+void attend_group(const float* const (&q_rows)[G], const T* k, const T* v, int64_t pos_stride, DType dtype,
+                  int64_t n_keys, float scale, float* scores, int64_t stride, float* const (&out)[G]) {
+    constexpr int64_t d = V * kLanes;
+    f32xL q[G][V];
+    float* rows[G];
+    for (int h = 0; h < G; ++h) {
+        std::memcpy(q[h], q_rows[h], sizeof q[h]);
+        rows[h] = scores + h * stride;
+    }
+    int64_t j = 0;
+    for (; j + kLanes <= n_keys; j += kLanes) {
+        float* block[G];
+        for (int h = 0; h < G; ++h) block[h] = rows[h] + j;
+        group_scores_of_block<V, G>(q, k + j * pos_stride, pos_stride, block);
+    }
+    for (; j < n_keys; ++j)
+        for (int h = 0; h < G; ++h) rows[h][j] = dot(q_rows[h], k + j * pos_stride, d, dtype);
+    for (int h = 0; h < G; ++h) softmax(rows[h], n_keys, scale);
+    f32xL sums[G][V] = {};  // weighted_chunk()'s sums, for each head
+    for (j = 0; j < n_keys; ++j) {
+        f32xL w[G];
+        for (int h = 0; h < G; ++h) w[h] = splat(rows[h][j]);
+        for (int x = 0; x < V; ++x) {
+            const f32xL value = load_lanes(v + j * pos_stride + x * kLanes);
+            for (int h = 0; h < G; ++h) sums[h][x] = fused(w[h], value, sums[h][x]);
+        }
+    }
+    for (int h = 0; h < G; ++h) std::memcpy(out[h], sums[h], sizeof sums[h]);
+}
+
+template <int V, class T>
+void attend_group_of(int count, const float* const* q_rows, const T* k, const T* v, int64_t pos_stride, DType dtype,
+                     int64_t n_keys, float scale, float* scores, int64_t stride, float* const* out) {
+    const auto run = [&]<int G>() {
+        const float* q[G];
+        float* o[G];
+        std::copy(q_rows, q_rows + G, q);
+        std::copy(out, out + G, o);
+        attend_group<V, G>(q, k, v, pos_stride, dtype, n_keys, scale, scores, stride, o);
+    };
+    switch (count) {
+        case 1: return run.template operator()<1>();
+        case 2: return run.template operator()<2>();
+        case 3: return run.template operator()<3>();
+        default: return run.template operator()<4>();
+    }
+}
+
+// Decode's attention in head groups (see above), for d of 1, 2, 4 or 8 vectors: enough groups for
+// the threads (a head a group once there are more threads than heads), up to 16 / V heads each.
+template <class T>
+void attend_grouped(Tensor& out, const Tensor& q, const T* keys, const T* vals, int64_t head_stride, int64_t pos_stride,
+                    DType dtype, int64_t H_kv, const std::vector<int64_t>& kv_head_of, int64_t n_past, float scale) {
+    const int64_t M = q.size(0), H = q.size(1), d = q.size(2);
+    const int V = static_cast<int>(d / kLanes);
+    const int64_t heads_per_kv = (H + H_kv - 1) / H_kv;
+    const int64_t groups_per_kv = std::max<int64_t>(1, (omp_get_max_threads() + M * H_kv - 1) / (M * H_kv));
+    const int size = static_cast<int>(std::clamp<int64_t>((heads_per_kv + groups_per_kv - 1) / groups_per_kv, 1,
+                                                          std::min(kMaxGroupHeads, 16 / V)));
+    const std::vector<HeadGroup> groups = head_groups(M, H_kv, kv_head_of, size);
+    const int64_t stride = n_past + M + kLanes;  // room for whole vectors of scores
+#pragma omp parallel
+    {
+        std::vector<float> scores(size * stride), results(kMaxGroupHeads * d);
+        std::vector<float> scratch[kMaxGroupHeads];
+#pragma omp for schedule(static)
+        for (size_t u = 0; u < groups.size(); ++u) {
+            const HeadGroup& g = groups[u];
+            const float* q_rows[kMaxGroupHeads];
+            float* out_rows[kMaxGroupHeads];
+            for (int i = 0; i < g.count; ++i) {
+                q_rows[i] = row_f32(q, g.m * H + g.heads[i], scratch[i]);
+                out_rows[i] = results.data() + i * d;
+            }
+            const T* k = keys + g.kv * head_stride;
+            const T* v = vals + g.kv * head_stride;
+            const int64_t n_keys = n_past + g.m + 1;  // causal: up to its own position
+            switch (V) {
+                case 1: attend_group_of<1>(g.count, q_rows, k, v, pos_stride, dtype, n_keys, scale, scores.data(), stride, out_rows); break;
+                case 2: attend_group_of<2>(g.count, q_rows, k, v, pos_stride, dtype, n_keys, scale, scores.data(), stride, out_rows); break;
+                case 4: attend_group_of<4>(g.count, q_rows, k, v, pos_stride, dtype, n_keys, scale, scores.data(), stride, out_rows); break;
+                default: attend_group_of<8>(g.count, q_rows, k, v, pos_stride, dtype, n_keys, scale, scores.data(), stride, out_rows); break;
+            }
+            for (int i = 0; i < g.count; ++i) store_row(out, g.m * H + g.heads[i], out_rows[i]);
+        }
+    }
+}
+
 // From this many queries on (prefill), heads are widened once per call; fewer (decode) read the
 // cache directly. Both give the same bits.
 constexpr int64_t kWidenFrom = 8;
@@ -258,6 +407,8 @@ void attend(Tensor& out, const Tensor& q, const Tensor& k_cache, const Tensor& v
     const T* vals = v_cache.data<T>();
     const int64_t head_stride = k_cache.strides[0], pos_stride = k_cache.strides[1];
     const bool widened = M >= kWidenFrom && dtype != DType::F16 && d % kLanes == 0;
+    if (!widened && dtype != DType::F16 && (d == kLanes || d == 2 * kLanes || d == 4 * kLanes || d == 8 * kLanes))
+        return attend_grouped(out, q, keys, vals, head_stride, pos_stride, dtype, H_kv, kv_head_of, n_past, scale);
     // The calling thread's buffers, kept between calls: fresh large allocations would fault their
     // pages in at every layer of every prefill.
     thread_local std::vector<WidenedHead> heads;
