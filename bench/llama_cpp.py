@@ -86,13 +86,16 @@ def same_weights_gguf(source_gguf: Path, kind: str = "BF16") -> Path:
     return out
 
 
-def llama_bench(gguf: Path, threads: list[int], prompt: int = 128, generate: int = 128, repetitions: int = 3) -> dict:
-    """{(test, threads): tokens/s} from llama-bench, test being 'prefill' or 'decode': the fastest build's
-    figure per test, where a CPU has more than one build (module docstring)."""
+def llama_bench(gguf: Path, threads: list[int], prompt: int = 128, generate: int = 128, repetitions: int = 3,
+                depth: int = 0) -> dict:
+    """{(test, threads): tokens/s} from llama-bench, test being 'prefill' or 'decode' (after `depth` tokens
+    of context): the fastest build's figure per test, where a CPU has more than one build (module docstring),
+    and after a context the faster of flash attention on and off (on, its default, was the slower here)."""
     speeds = {}
     for compiler in _compilers():
         result = subprocess.run([llama_bin("llama-bench", compiler), "-m", gguf, "-p", str(prompt), "-n", str(generate),
-                                 "-t", ",".join(map(str, threads)), "-r", str(repetitions), "-o", "json"],
+                                 "-t", ",".join(map(str, threads)), "-r", str(repetitions), "-d", str(depth),
+                                 *(["-fa", "0,1"] if depth else []), "-o", "json"],
                                 capture_output=True, text=True)
         if result.returncode < 0:  # killed by a signal: this build cannot run the test here
             continue
