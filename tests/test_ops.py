@@ -140,6 +140,13 @@ def test_self_attention(dtype, M, H, H_kv, d, n_past, capacity):
     assert_close(out, expected, dtype)
 
 
+def test_self_attention_of_no_heads_does_nothing():
+    """A rank of more ranks than heads holds no query or key/value heads: its call is empty, not an error."""
+    q, out = np.zeros((1, 0, 64), np.float32), np.zeros((1, 0, 64), np.float32)
+    cache = np.zeros((0, 8, 64), np.float32)
+    _native.self_attention(out, q, cache, cache, [], 3, 0.125)
+
+
 @pytest.mark.parametrize("dtype", ["f32", "bf16"])
 @pytest.mark.parametrize("d", [16, 64, 128])
 def test_self_attention_bits_do_not_depend_on_the_call(dtype, d):

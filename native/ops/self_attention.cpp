@@ -459,6 +459,7 @@ void attend(Tensor& out, const Tensor& q, const Tensor& k_cache, const Tensor& v
 void self_attention(Tensor& out, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
                     const std::vector<int64_t>& kv_head_of, int64_t n_past, float scale) {
     LLAISYS_CHECK(q.ndim() == 3 && out.shape == q.shape, "self_attention: q and out must be [M, H, d]");
+    if (q.size(1) == 0) return;  // a rank of more ranks than heads holds none
     int64_t M = q.size(0), H = q.size(1), d = q.size(2);
     check_rows(q, d, "self_attention q");
     check_rows(out, d, "self_attention out");
