@@ -4,6 +4,7 @@
 #include <immintrin.h>
 #include <limits>
 #include <omp.h>
+#include <utility>
 #include <vector>
 
 #include "../ops.hpp"
@@ -61,37 +62,19 @@ inline float dot(const float* q, const T* k, int64_t d, DType dtype) {
 }
 
 // Two vectors of keys' partial sums folded once: the low halves of each key's lanes plus the high
-// halves, lane groups of `width` (the halves' size) taken from a then from b, in key order.
-template <int width>
-inline f32xL fold_pair(f32xL a, f32xL b) {
-#if defined(__AVX512F__)
-    if constexpr (width == 8)
-        return __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
-               __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
-    if constexpr (width == 4)
-        return __builtin_shufflevector(a, b, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
-               __builtin_shufflevector(a, b, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
-    if constexpr (width == 2)
-        return __builtin_shufflevector(a, b, 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
-               __builtin_shufflevector(a, b, 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
-    if constexpr (width == 1)
-        return __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
-               __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
-#else
-    if constexpr (width == 4)
-        return __builtin_shufflevector(a, b, 0, 1, 2, 3, 8, 9, 10, 11) + __builtin_shufflevector(a, b, 4, 5, 6, 7, 12, 13, 14, 15);
-    if constexpr (width == 2)
-        return __builtin_shufflevector(a, b, 0, 1, 4, 5, 8, 9, 12, 13) + __builtin_shufflevector(a, b, 2, 3, 6, 7, 10, 11, 14, 15);
-    if constexpr (width == 1)
-        return __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14) + __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15);
-#endif
+// halves. Keys hold 2 * width lanes of a then of b; lane i of the result is lane i % width of key
+// i / width's low half (plus its high half's), so the keys stay in order.
+template <int width, size_t... I>
+inline f32xL fold_pair(f32xL a, f32xL b, std::index_sequence<I...>) {
+    return __builtin_shufflevector(a, b, (I / width * 2 * width + I % width)...) +
+           __builtin_shufflevector(a, b, (I / width * 2 * width + I % width + width)...);
 }
 
 // Folds `count` vectors (keys in order) at width, then the results at width / 2, down to one
 // vector whose lane j is key j's fold_lanes().
 template <int width>
 inline f32xL fold_keys(f32xL* v, int count) {
-    for (int j = 0; j < count / 2; ++j) v[j] = fold_pair<width>(v[2 * j], v[2 * j + 1]);
+    for (int j = 0; j < count / 2; ++j) v[j] = fold_pair<width>(v[2 * j], v[2 * j + 1], std::make_index_sequence<kLanes>{});
     if constexpr (width == 1) return v[0];
     else return fold_keys<width / 2>(v, count / 2);
 }
