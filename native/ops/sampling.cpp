@@ -3,6 +3,7 @@
 #include <cstring>
 #include <immintrin.h>
 #include <limits>
+#include <omp.h>
 
 #include "../ops.hpp"
 #include "lanes.hpp"
@@ -99,39 +100,15 @@ const std::vector<float>& noise_bounds() {
     return bounds;
 }
 
-}  // namespace
-
-float gumbel_noise(uint64_t seed, uint64_t step, int64_t token_id) { return noise_of(philox(seed, step, token_id)); }
-
-std::vector<float> gumbel_noise(uint64_t seed, uint64_t step, const std::vector<int64_t>& token_ids) {
-    std::vector<float> noise;
-    noise.reserve(token_ids.size());
-    for (int64_t id : token_ids) noise.push_back(gumbel_noise(seed, step, id));
-    return noise;
-}
-
-// argmax over i of x_i / T + noise(seed, step, id_offset + i), ties to the lowest index, NaNs
-// never winning. The race starts from the largest scaled logit's score; then kRaceTokens tokens at a
-// time draw their bits (philox_race), and only a token whose bucket bound could beat the best score so far
-// takes its logarithms: at T = 1 on real logits nearly every token lies within the noise's span of
-// the best, and the logarithms of all 150k took 4.7 ms a step.
-std::pair<float, int64_t> gumbel_argmax(const Tensor& x, float inv_temperature, uint64_t seed, uint64_t step,
-                                        int64_t id_offset) {
-    LLAISYS_CHECK(x.ndim() == 1 && x.size(0) > 0, "gumbel_argmax: x must be a non-empty vector");
-    LLAISYS_CHECK(inv_temperature > 0.0f, "gumbel_argmax: temperature must be positive");
-    std::vector<float> scratch;
-    const float* v = row_f32(x, 0, scratch);
-    const int64_t n = x.size(0);
-    constexpr float kLowest = -std::numeric_limits<float>::infinity();
-    const float top = largest_scaled(v, n, inv_temperature);
-    if (!(top > kLowest)) return {kLowest, id_offset};  // nothing above -inf: no token can win
-    int64_t best_index = 0;
-    while (!(v[best_index] * inv_temperature == top)) ++best_index;
-    float best = race_score(top, philox(seed, step, id_offset + best_index));
+// The race over tokens [begin, end) (whole blocks but the last) from a best score and its index:
+// the new best and its index.
+std::pair<float, int64_t> race(const float* v, int64_t begin, int64_t end, float inv_temperature, uint64_t seed,
+                               uint64_t step, int64_t id_offset, std::pair<float, int64_t> start) {
+    auto [best, best_index] = start;
     const std::vector<float>& bounds = noise_bounds();
     const float widest = bounds.back();
-    for (int64_t i0 = 0; i0 < n; i0 += kRaceTokens) {
-        const int count = static_cast<int>(std::min<int64_t>(kRaceTokens, n - i0));
+    for (int64_t i0 = begin; i0 < end; i0 += kRaceTokens) {
+        const int count = static_cast<int>(std::min<int64_t>(kRaceTokens, end - i0));
         alignas(64) float scaled[kRaceTokens];
         bool contender = false;  // whether any of them could win with the largest noise
         if (count == kRaceTokens) {
@@ -161,6 +138,55 @@ std::pair<float, int64_t> gumbel_argmax(const Tensor& x, float inv_temperature, 
             }
         }
     }
+    return {best, best_index};
+}
+
+// From this many logits on, threads share the race (a 150k vocabulary took 0.4 ms on one).
+constexpr int64_t kParallelRace = 1 << 15;
+
+}  // namespace
+
+float gumbel_noise(uint64_t seed, uint64_t step, int64_t token_id) { return noise_of(philox(seed, step, token_id)); }
+
+std::vector<float> gumbel_noise(uint64_t seed, uint64_t step, const std::vector<int64_t>& token_ids) {
+    std::vector<float> noise;
+    noise.reserve(token_ids.size());
+    for (int64_t id : token_ids) noise.push_back(gumbel_noise(seed, step, id));
+    return noise;
+}
+
+// argmax over i of x_i / T + noise(seed, step, id_offset + i), ties to the lowest index, NaNs
+// never winning. The race starts from the largest scaled logit's score; then kRaceTokens tokens at a
+// time draw their bits (philox_race), and only a token whose bucket bound could beat the best score so far
+// takes its logarithms: at T = 1 on real logits nearly every token lies within the noise's span of
+// the best, and the logarithms of all 150k took 4.7 ms a step.
+std::pair<float, int64_t> gumbel_argmax(const Tensor& x, float inv_temperature, uint64_t seed, uint64_t step,
+                                        int64_t id_offset) {
+    LLAISYS_CHECK(x.ndim() == 1 && x.size(0) > 0, "gumbel_argmax: x must be a non-empty vector");
+    LLAISYS_CHECK(inv_temperature > 0.0f, "gumbel_argmax: temperature must be positive");
+    std::vector<float> scratch;
+    const float* v = row_f32(x, 0, scratch);
+    const int64_t n = x.size(0);
+    constexpr float kLowest = -std::numeric_limits<float>::infinity();
+    const float top = largest_scaled(v, n, inv_temperature);
+    if (!(top > kLowest)) return {kLowest, id_offset};  // nothing above -inf: no token can win
+    int64_t best_index = 0;
+    while (!(v[best_index] * inv_temperature == top)) ++best_index;
+    float best = race_score(top, philox(seed, step, id_offset + best_index));
+    // Threads race over contiguous ranges of whole blocks from the same start; the winner is the
+    // same however the range is cut (the best score, ties to the lowest index).
+    std::vector<std::pair<float, int64_t>> results(omp_get_max_threads(), {best, best_index});
+#pragma omp parallel if (n >= kParallelRace)
+    {
+        const int64_t blocks = (n + kRaceTokens - 1) / kRaceTokens, t = omp_get_thread_num(), threads = omp_get_num_threads();
+        const int64_t begin = blocks * t / threads * kRaceTokens, end = std::min(n, blocks * (t + 1) / threads * kRaceTokens);
+        results[t] = race(v, begin, end, inv_temperature, seed, step, id_offset, results[t]);
+    }
+    for (const auto& [score, index] : results)
+        if (score > best || (score == best && index < best_index)) {
+            best = score;
+            best_index = index;
+        }
     return {best, id_offset + best_index};
 }
 
