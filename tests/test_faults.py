@@ -16,6 +16,7 @@ import pytest
 from conftest import EMPTY_PROMPT, iopub_until_idle, shell_reply, terminal_repl
 
 from llaisys_chat import cluster
+from llaisys_chat.client.ranks import process_state
 from llaisys_chat.errors import EnginesDown, LlaisysError
 
 LONG = "Write a very long, detailed essay about the history of computing, with many sections."
@@ -184,7 +185,13 @@ def test_a_dead_controller_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("IPYTHONDIR", str(tmp_path))
     try:
         own = cluster.connect("demo", n=2, cluster_id="headless", quiet=True)
-        os.kill(ipp.Cluster.from_file(profile="default", cluster_id="headless").controller.pid, signal.SIGKILL)
+        pid = ipp.Cluster.from_file(profile="default", cluster_id="headless").controller.pid
+        os.kill(pid, signal.SIGKILL)
+        # SIGKILL ends a process shortly after, not at once: on a loaded machine the request below once
+        # went out (and was served by the dead controller's surviving schedulers) while it still ran.
+        gone_by = time.monotonic() + 10
+        while process_state(pid) is not None and time.monotonic() < gone_by:
+            time.sleep(0.05)
         started = time.monotonic()
         with pytest.raises(EnginesDown, match="controller .* died.*connect again"):
             own.generate("Say yes.", max_new_tokens=4)
