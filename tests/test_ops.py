@@ -121,7 +121,8 @@ def test_rope(dtype, M, H, d, theta):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("M,H,H_kv,d,n_past,capacity", [(1, 2, 1, 8, 0, 4), (4, 4, 2, 16, 3, 10), (6, 6, 3, 8, 0, 6), (1, 14, 2, 64, 20, 32),
-                                                          (9, 2, 1, 16, 0, 9), (12, 4, 2, 64, 5, 24), (1, 12, 2, 128, 40, 48)])
+                                                          (9, 2, 1, 16, 0, 9), (12, 4, 2, 64, 5, 24), (1, 12, 2, 128, 40, 48),
+                                                          (1, 6, 2, 48, 30, 32)])
 def test_self_attention(dtype, M, H, H_kv, d, n_past, capacity):
     from reference import attention
 
@@ -148,7 +149,7 @@ def test_self_attention_of_no_heads_does_nothing():
 
 
 @pytest.mark.parametrize("dtype", ["f32", "bf16"])
-@pytest.mark.parametrize("d", [16, 64, 128])
+@pytest.mark.parametrize("d", [16, 48, 64, 128])
 def test_self_attention_bits_do_not_depend_on_the_call(dtype, d):
     """A prefill's queries (many per call: heads widened once) give the very bits they give one per
     call (decode, which reads each key/value head once for a group of query heads, a vector of keys

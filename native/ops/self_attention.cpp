@@ -35,8 +35,8 @@ inline float widen(T v, DType dtype) {
 }
 
 // The sum of a vector's lanes by folding halves: lane l + lane l + kLanes/2, then the same on the
-// first half, down to one. scores_of_block() makes this order for kLanes keys at once with a few
-// shuffles, where adding the lanes one after another cost a chain of kLanes dependent adds per key.
+// first half, down to one. group_scores_of_block() makes this order for kLanes keys at once with a
+// few shuffles, where adding the lanes one after another cost a chain of kLanes dependent adds per key.
 inline float fold_lanes(f32xL v) {
     for (int width = kLanes / 2; width >= 1; width /= 2)
         for (int lane = 0; lane < width; ++lane) v[lane] = v[lane] + v[lane + width];
@@ -77,23 +77,6 @@ inline f32xL fold_keys(f32xL* v, int count) {
     for (int j = 0; j < count / 2; ++j) v[j] = fold_pair<width>(v[2 * j], v[2 * j + 1], std::make_index_sequence<kLanes>{});
     if constexpr (width == 1) return v[0];
     else return fold_keys<width / 2>(v, count / 2);
-}
-
-// The scores of q against the kLanes keys k, k + pos_stride, ...: dot() for each, bit for bit.
-template <class T>
-inline void scores_of_block(const float* q, const T* k, int64_t pos_stride, int64_t d, float* scores) {
-    f32xL partial[kLanes];
-    for (int j = 0; j < kLanes; ++j) {
-        f32xL acc = {};
-        for (int64_t i = 0; i < d; i += kLanes) {
-            f32xL qv;
-            std::memcpy(&qv, q + i, sizeof qv);
-            acc = fused(qv, load_lanes(k + j * pos_stride + i), acc);
-        }
-        partial[j] = acc;
-    }
-    const f32xL total = fold_keys<kLanes / 2>(partial, kLanes);
-    std::memcpy(scores, &total, sizeof total);
 }
 
 // acc += weight * v over d elements.
@@ -207,9 +190,8 @@ inline void weighted_chunk(const T* v, int64_t pos_stride, int64_t n_keys, const
     std::memcpy(acc, a, sizeof a);
 }
 
-// The same over d (whole vectors) values: a widened head's, or the cache's own. (axpy's load and
-// store of acc per key chained every key to the last through memory; a runtime count of sums left
-// them on the stack.)
+// The same over d (whole vectors) values of a widened head. (axpy's load and store of acc per key
+// chained every key to the last through memory; a runtime count of sums left them on the stack.)
 template <class T>
 inline void weighted_values(const T* v, int64_t pos_stride, int64_t d, int64_t n_keys, const float* weights, float* acc) {
     constexpr int64_t kChunk = 8 * kLanes;
@@ -238,7 +220,8 @@ inline void weighted_values(const T* v, int64_t pos_stride, int64_t d, int64_t n
 // bits do not depend on the grouping.
 
 // Up to this many heads a group: their V-vector value sums then fit the registers (G * V <= 16).
-constexpr int kMaxGroupHeads = 4;
+// Heads of more than kMaxGroupVectors vectors read the cache a query head at a time.
+constexpr int kMaxGroupHeads = 4, kMaxGroupVectors = 8;
 
 // One position's query heads that read the same key/value head.
 struct HeadGroup {
@@ -267,8 +250,8 @@ std::vector<HeadGroup> head_groups(int64_t M, int64_t H_kv, const std::vector<in
     return groups;
 }
 
-// Scores of G query heads (q[h]: V vectors each) against the kLanes keys from k: each head's
-// scores_of_block(), the keys loaded once.
+// Scores of G query heads (q[h]: V vectors each) against the kLanes keys k, k + pos_stride, ...:
+// each head's dot() with each key, bit for bit, the keys loaded once for all G.
 template <int V, int G, class T>
 inline void group_scores_of_block(const f32xL (&q)[G][V], const T* k, int64_t pos_stride, float* const (&scores)[G]) {
     f32xL partial[G][kLanes];
@@ -337,7 +320,7 @@ void attend_group_of(int count, const float* const* q_rows, const T* k, const T*
     }
 }
 
-// Decode's attention in head groups (see above), for d of 1, 2, 4 or 8 vectors: enough groups for
+// Decode's attention in head groups (see above), for d of 1 to kMaxGroupVectors vectors: enough groups for
 // the threads (a head a group once there are more threads than heads), up to 16 / V heads each.
 template <class T>
 void attend_grouped(Tensor& out, const Tensor& q, const T* keys, const T* vals, int64_t head_stride, int64_t pos_stride,
@@ -366,11 +349,18 @@ void attend_grouped(Tensor& out, const Tensor& q, const T* keys, const T* vals, 
             const T* k = keys + g.kv * head_stride;
             const T* v = vals + g.kv * head_stride;
             const int64_t n_keys = n_past + g.m + 1;  // causal: up to its own position
+            const auto run = [&]<int Vs>() {
+                attend_group_of<Vs>(g.count, q_rows, k, v, pos_stride, dtype, n_keys, scale, scores.data(), stride, out_rows);
+            };
             switch (V) {
-                case 1: attend_group_of<1>(g.count, q_rows, k, v, pos_stride, dtype, n_keys, scale, scores.data(), stride, out_rows); break;
-                case 2: attend_group_of<2>(g.count, q_rows, k, v, pos_stride, dtype, n_keys, scale, scores.data(), stride, out_rows); break;
-                case 4: attend_group_of<4>(g.count, q_rows, k, v, pos_stride, dtype, n_keys, scale, scores.data(), stride, out_rows); break;
-                default: attend_group_of<8>(g.count, q_rows, k, v, pos_stride, dtype, n_keys, scale, scores.data(), stride, out_rows); break;
+                case 1: run.template operator()<1>(); break;
+                case 2: run.template operator()<2>(); break;
+                case 3: run.template operator()<3>(); break;
+                case 4: run.template operator()<4>(); break;
+                case 5: run.template operator()<5>(); break;
+                case 6: run.template operator()<6>(); break;
+                case 7: run.template operator()<7>(); break;
+                default: run.template operator()<8>(); break;
             }
             for (int i = 0; i < g.count; ++i) store_row(out, g.m * H + g.heads[i], out_rows[i]);
         }
@@ -390,7 +380,7 @@ void attend(Tensor& out, const Tensor& q, const Tensor& k_cache, const Tensor& v
     const T* vals = v_cache.data<T>();
     const int64_t head_stride = k_cache.strides[0], pos_stride = k_cache.strides[1];
     const bool widened = M >= kWidenFrom && dtype != DType::F16 && d % kLanes == 0;
-    if (!widened && dtype != DType::F16 && (d == kLanes || d == 2 * kLanes || d == 4 * kLanes || d == 8 * kLanes))
+    if (!widened && dtype != DType::F16 && d % kLanes == 0 && d <= kMaxGroupVectors * kLanes)
         return attend_grouped(out, q, keys, vals, head_stride, pos_stride, dtype, H_kv, kv_head_of, n_past, scale);
     // The calling thread's buffers, kept between calls: fresh large allocations would fault their
     // pages in at every layer of every prefill.
@@ -420,13 +410,9 @@ void attend(Tensor& out, const Tensor& q, const Tensor& k_cache, const Tensor& v
                     const T* vh = vals + kv_head_of[h] * head_stride;
                     attend_query(n_keys, scale, scores,
                                  [&](int64_t n, float* s) {
-                                     int64_t j = 0;
-                                     if (dtype != DType::F16 && d % kLanes == 0)
-                                         for (; j + kLanes <= n; j += kLanes) scores_of_block(qr, kh + j * pos_stride, pos_stride, d, s + j);
-                                     for (; j < n; ++j) s[j] = dot(qr, kh + j * pos_stride, d, dtype);
+                                     for (int64_t j = 0; j < n; ++j) s[j] = dot(qr, kh + j * pos_stride, d, dtype);
                                  },
                                  [&](int64_t n, const float* w) {
-                                     if (dtype != DType::F16 && d % kLanes == 0) return weighted_values(vh, pos_stride, d, n, w, acc.data());
                                      std::fill(acc.begin(), acc.end(), 0.0f);
                                      for (int64_t j = 0; j < n; ++j) axpy(acc.data(), w[j], vh + j * pos_stride, d, dtype);
                                  });
