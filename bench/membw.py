@@ -4,6 +4,7 @@ Decode speed is bound by it, and on a shared VM it drifts: the scaling benchmark
 their tables, so that a ratio can be read against what the memory allowed at the time.
 
     python bench/membw.py N      (prints one line)
+    python bench/membw.py --sizes   (1 process: GB/s by working-set size, to see what the caches hold)
 """
 import os
 
@@ -41,6 +42,22 @@ def read_bandwidth(processes: int, seconds: float = 1.0) -> float:
     return total / 1e9
 
 
-if __name__ == "__main__":
+def working_set_bandwidth(mib: int, seconds: float = 1.0) -> float:
+    """GB/s of one process rereading `mib` MiB over and over: above memory's rate while the set fits a cache."""
+    a = np.ones(mib << 17, np.float32)  # two arrays of mib / 2 MiB
+    b = np.ones_like(a)
+    np.dot(a, b)
+    start, reads = time.perf_counter(), 0
+    while time.perf_counter() - start < seconds:
+        np.dot(a, b)
+        reads += 1
+    return reads * (a.nbytes + b.nbytes) / (time.perf_counter() - start) / 1e9
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--sizes"]:
+    print("| working set (MiB) | read GB/s, 1 process |\n|---:|---:|")
+    for mib in (2, 16, 32, 64, 128, 256, 512):
+        print(f"| {mib} | {working_set_bandwidth(mib):.1f} |")
+elif __name__ == "__main__":
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 2
     print(f"read bandwidth now: {read_bandwidth(1):.0f} GB/s with 1 process, {read_bandwidth(n):.0f} GB/s with {n}")
