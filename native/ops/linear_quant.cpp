@@ -288,14 +288,24 @@ void tile(const ActivationBlock* x, int64_t ldx, const std::byte* group, int64_t
     typename V::F acc[MT][NU];
     for (int m = 0; m < MT; ++m)
         for (int u = 0; u < NU; ++u) acc[m][u] = V::zero();
+    // Where each unit's rows start in a block's chunks: its panel's chunk, and its first row there.
+    int64_t panel_at[NU];
+    int row_of[NU];
+    for (int u = 0; u < NU; ++u) {
+        panel_at[u] = (u0 + u) * V::kRows / kPanel * l.chunk;
+        row_of[u] = (u0 + u) * V::kRows % kPanel;
+    }
     for (int64_t sb = sb0; sb < sb1; ++sb) {
         const int64_t b = sb / subs, j = sb % subs;
         if (j == 0) prefetch(group + b * block_stride + kPrefetchBytes, NU * l.chunk * V::kRows / kPanel);
         const ActivationBlock* xs[MT];
         for (int m = 0; m < MT; ++m) xs[m] = x + m * ldx + sb;
+        // Unrolled, so that the accumulators stay in registers (as a loop, gcc kept them in memory
+        // and recomputed each unit's address: a third of the instructions of a Q8_0 decode step).
+#pragma GCC unroll 8
         for (int u = 0; u < NU; ++u) {
-            const int panel = (u0 + u) * V::kRows / kPanel, row = (u0 + u) * V::kRows % kPanel;  // first row in the panel
-            const std::byte* chunk = group + b * block_stride + panel * l.chunk;
+            const int row = row_of[u];
+            const std::byte* chunk = group + b * block_stride + panel_at[u];
             typename V::I sums[MT];
             const std::byte* values = chunk + l.values + row * 4;
             if constexpr (T == DType::Q8_0) dot_q8<V, MT>(values, xs, sums);
