@@ -53,8 +53,9 @@ def test_sharded_checkpoint_loads_like_single_file(tiny_models):
 @pytest.mark.parametrize("weights", ["bf16", "q8_0"])
 def test_threads_do_not_change_results(tiny_models, weights):
     # Threads split rows and tokens, never a sum: a prompt and then decode steps give the same bits
-    # for any count, more threads than a small matrix has units of work included.
-    folder = tiny_models(layers=2, hidden=128, heads=4, kv_heads=2, ffn=512, dtype="bf16")
+    # for any count, more threads than a small matrix has units of work included. The MLP is wide
+    # enough that a decode step's activations and SwiGLU are cut into column spans too.
+    folder = tiny_models(layers=2, hidden=128, heads=4, kv_heads=2, ffn=2560, dtype="bf16")
     tokens = list(range(30, 60))
     chunks = [20, 1, 1, 1, 4, 3]
     one = engine_logits(Engine(folder, threads=1, weights=weights), tokens, chunks)

@@ -5,10 +5,12 @@
 // (linear_quant.cpp).
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <bit>
 #include <cmath>
 #include <cstring>
 #include <immintrin.h>
+#include <omp.h>
 #include <type_traits>
 #include <utility>
 
@@ -34,6 +36,8 @@ constexpr int64_t kFewTokens = 16;  // up to this many tokens, quantized tiles s
 static_assert(kGroup % kTilePanelsDecode == 0 && kGroup % kTilePanelsPrefill == 0, "tiles must not straddle groups");
 // Software prefetch distance, in k steps ahead of the tile's loads (measured: 8 to 64 do alike).
 constexpr int64_t kPrefetchSteps = 32;
+// Columns of a few tokens' rows that one thread converts for the kernels (fill_lhs).
+constexpr int64_t kLhsSpan = 512;
 
 #if defined(__AVX512BF16__)
 // bf16 lhs: x rounded to bf16, k-pairs side by side, as _mm512_dpbf16_ps consumes them.
@@ -203,8 +207,8 @@ void run_float_tile(int64_t mt, int64_t np, const X* x, int64_t ldx, const W* w,
     table[(mt - 1) * kMaxPanels + (np - 1)](x, ldx, w, row_stride, k0, k1, tile);
 }
 
-// x in the forms the parts' kernels consume, made once per call. (Per-thread buffers that only
-// grow: fresh large allocations would fault pages on every call.)
+// x in the forms the parts' kernels consume, made once per call. (The calling thread's buffers,
+// which only grow: fresh large allocations would fault pages on every call.)
 struct Lhs {
     const Bf16Lhs* bf16 = nullptr;  // rows of n_in rounded up to even
     const float* f32 = nullptr;     // rows of n_in
@@ -212,8 +216,9 @@ struct Lhs {
     // side per sub-block, so that a sub-block's activations for a tile are one run of memory: block
     // (m, sb) at ((m / 32) * ld_blocks + sb) * 32 + m % 32.
     const quant::ActivationBlock* blocks = nullptr;
-    bool interleaved = false;
+    bool need_bf16 = false, need_f32 = false, need_blocks = false, interleaved = false;
     int64_t ld_bf16 = 0, ld_f32 = 0, ld_blocks = 0;
+    int64_t span = 0, spans_per_row = 0;  // fill_lhs's columns an item (at most), and items a row
 };
 
 // Whether a part of M tokens runs on AMX prompt tiles.
@@ -232,56 +237,59 @@ bool on_bf16_tiles(const PackedPart& part, int64_t n_in, int64_t k_block) {
 #endif
 }
 
+// Sizes this thread's lhs buffers for x and decides which forms the parts need; fill_lhs() then
+// writes them, its items spread over the threads that run the tiles.
 Lhs prepare_lhs(const Tensor& x, const PackedWeight& w) {
     thread_local std::vector<Bf16Lhs> bf16;
     thread_local std::vector<float> f32;
     thread_local std::vector<quant::ActivationBlock> blocks;
     const int64_t rows = n_rows(x), n_in = w.n_in;
-    bool need_bf16 = false, need_f32 = false, need_blocks = false;
     Lhs lhs;
     for (const PackedPart& part : w.parts) {
-        need_bf16 |= part.dtype == DType::BF16;
-        need_f32 |= part.dtype == DType::F32;
-        need_blocks |= is_quantized(part.dtype);
+        lhs.need_bf16 |= part.dtype == DType::BF16;
+        lhs.need_f32 |= part.dtype == DType::F32;
+        lhs.need_blocks |= is_quantized(part.dtype);
         lhs.interleaved |= on_prompt_tiles(part, rows);
     }
     lhs.ld_bf16 = (n_in + 1) / 2 * 2;
     lhs.ld_f32 = n_in;
     lhs.ld_blocks = n_in / 32;
-    if (need_bf16) bf16.assign(rows * lhs.ld_bf16, Bf16Lhs{0});
-    if (need_f32) f32.resize(rows * n_in);
+    if (lhs.need_bf16) bf16.assign(rows * lhs.ld_bf16, Bf16Lhs{0});
+    if (lhs.need_f32) f32.resize(rows * n_in);
     // AMX prompt tiles read 32 tokens' blocks at a time: those past the last token are never used.
-    if (need_blocks) blocks.resize((rows + tiles::kPromptTileTokens - 1) / tiles::kPromptTileTokens * tiles::kPromptTileTokens * lhs.ld_blocks);
-    // The buffers are this (the calling) thread's: the row loop below writes them through pointers.
-    Bf16Lhs* bf16_rows = bf16.data();
-    float* f32_rows = f32.data();
-    quant::ActivationBlock* block_rows = blocks.data();
-#pragma omp parallel if (rows >= kParallelRows)
-    {
-        std::vector<float> scratch;
-#pragma omp for schedule(static)
-        for (int64_t m = 0; m < rows; ++m) {
-            const float* xr = row_f32(x, m, scratch);
-            if (need_bf16) {
-                Bf16Lhs* dst = bf16_rows + m * lhs.ld_bf16;
-                for (int64_t k = 0; k < n_in; ++k) {
-                    if constexpr (std::is_same_v<Bf16Lhs, uint16_t>) dst[k] = f32_to_bf16(xr[k]);
-                    else dst[k] = bf16_to_f32(f32_to_bf16(xr[k]));
-                }
-            }
-            if (need_f32) std::memcpy(f32_rows + m * n_in, xr, n_in * sizeof(float));
-            if (need_blocks && lhs.interleaved) {
-                constexpr int64_t T = tiles::kPromptTileTokens;
-                quant::quantize_activations(xr, block_rows + (m / T) * lhs.ld_blocks * T + m % T, n_in, T);
-            } else if (need_blocks) {
-                quant::quantize_activations(xr, block_rows + m * lhs.ld_blocks, n_in);
-            }
+    if (lhs.need_blocks) blocks.resize((rows + tiles::kPromptTileTokens - 1) / tiles::kPromptTileTokens * tiles::kPromptTileTokens * lhs.ld_blocks);
+    // A few tokens' rows are cut into column spans, so that every thread has a share (decode's
+    // activations before down_proj are 4864 values: quantizing them on one thread kept the other
+    // waiting). A span is whole 32-value blocks, and each value is converted alone, so the cut
+    // changes no bits. Rows of another dtype than f32 are converted whole.
+    lhs.span = rows >= kParallelRows || x.dtype != DType::F32 || n_in % 32 != 0 ? std::max<int64_t>(n_in, 1) : kLhsSpan;
+    lhs.spans_per_row = (n_in + lhs.span - 1) / lhs.span;
+    lhs.bf16 = bf16.data();
+    lhs.f32 = f32.data();
+    lhs.blocks = blocks.data();
+    return lhs;
+}
+
+// Item `item` of fill_lhs's rows x spans: columns [c0, c1) of one row of x in every form lhs needs.
+void fill_lhs(const Lhs& lhs, const Tensor& x, int64_t n_in, int64_t item, std::vector<float>& scratch) {
+    const int64_t m = item / lhs.spans_per_row, c0 = item % lhs.spans_per_row * lhs.span;
+    const int64_t c1 = std::min(n_in, c0 + lhs.span), n = c1 - c0;
+    const float* xr = row_f32(x, m, scratch) + c0;
+    if (lhs.need_bf16) {
+        Bf16Lhs* dst = const_cast<Bf16Lhs*>(lhs.bf16) + m * lhs.ld_bf16 + c0;
+        for (int64_t k = 0; k < n; ++k) {
+            if constexpr (std::is_same_v<Bf16Lhs, uint16_t>) dst[k] = f32_to_bf16(xr[k]);
+            else dst[k] = bf16_to_f32(f32_to_bf16(xr[k]));
         }
     }
-    lhs.bf16 = bf16_rows;
-    lhs.f32 = f32_rows;
-    lhs.blocks = block_rows;
-    return lhs;
+    if (lhs.need_f32) std::memcpy(const_cast<float*>(lhs.f32) + m * n_in + c0, xr, n * sizeof(float));
+    auto* blocks = const_cast<quant::ActivationBlock*>(lhs.blocks);
+    if (lhs.need_blocks && lhs.interleaved) {
+        constexpr int64_t T = tiles::kPromptTileTokens;
+        quant::quantize_activations(xr, blocks + ((m / T) * lhs.ld_blocks + c0 / 32) * T + m % T, n, T);
+    } else if (lhs.need_blocks) {
+        quant::quantize_activations(xr, blocks + m * lhs.ld_blocks + c0 / 32, n);
+    }
 }
 
 // How a part is cut into tiles: each tile is `rows` output rows (a whole number of 8-row halves
@@ -392,6 +400,11 @@ void run_tile(const Lhs& lhs, const PackedWeight& w, const PackedPart& part, int
 // Every tile of x W^T over k blocks of k_block columns, each handed to the sink. Threads split
 // the tiles (output rows, and tokens), never k: each output element is computed by one thread in one
 // fixed order, whatever the thread count.
+//
+// Each thread first takes its own contiguous run of tiles (as a static schedule would: its stream of
+// weights stays sequential), then helps the others by taking their next tiles: with a static split
+// alone one of two decode threads waited 5-10% of each product for the other (the memory does not
+// serve both alike), and interleaving single tiles (a dynamic schedule) read 10% slower.
 template <class Sink>
 void for_each_tile(const Tensor& x, const PackedWeight& w, int64_t k_block, Sink sink) {
     LLAISYS_CHECK(x.size(-1) == w.n_in, "linear: x has the wrong number of columns");
@@ -402,14 +415,33 @@ void for_each_tile(const Tensor& x, const PackedWeight& w, int64_t k_block, Sink
         const int64_t rows = tile_rows(part, M), tokens = tile_tokens(part, M, on_bf16_tiles(part, w.n_in, k_block));
         first_unit.push_back(first_unit.back() + (part.n_out + rows - 1) / rows * ((M + tokens - 1) / tokens));
     }
-#pragma omp parallel for schedule(static)
-    for (int64_t t = 0; t < first_unit.back(); ++t) {
-        size_t i = 0;
-        while (first_unit[i + 1] <= t) ++i;
-        const PackedPart& part = w.parts[i];
-        const int64_t tokens = tile_tokens(part, M, on_bf16_tiles(part, w.n_in, k_block)), token_units = (M + tokens - 1) / tokens;
-        const int64_t row_unit = (t - first_unit[i]) / token_units, m_begin = (t - first_unit[i]) % token_units * tokens;
-        run_tile(lhs, w, part, row_unit * tile_rows(part, M), M, m_begin, std::min(M, m_begin + tokens), k_block, sink);
+    const int64_t units = first_unit.back();
+    const int runs = omp_get_max_threads();
+    struct alignas(64) Run {  // a thread's run of tiles: the next one not taken, and its end
+        std::atomic<int64_t> next;
+        int64_t end;
+    };
+    std::vector<Run> run_of(runs);
+    for (int r = 0; r < runs; ++r) run_of[r].next = units * r / runs, run_of[r].end = units * (r + 1) / runs;
+#pragma omp parallel num_threads(runs)
+    {
+        std::vector<float> scratch;
+#pragma omp for schedule(static)
+        for (int64_t item = 0; item < M * lhs.spans_per_row; ++item) fill_lhs(lhs, x, w.n_in, item, scratch);
+        // (the loop's closing barrier: every thread's tiles read all of the lhs)
+        // A team smaller than asked for still runs every run: each thread visits all of them.
+        const int me = omp_get_thread_num();
+        for (int v = 0; v < runs; ++v) {
+            Run& run = run_of[(me + v) % runs];
+            for (int64_t t; (t = run.next.fetch_add(1, std::memory_order_relaxed)) < run.end;) {
+                size_t i = 0;
+                while (first_unit[i + 1] <= t) ++i;
+                const PackedPart& part = w.parts[i];
+                const int64_t tokens = tile_tokens(part, M, on_bf16_tiles(part, w.n_in, k_block)), token_units = (M + tokens - 1) / tokens;
+                const int64_t row_unit = (t - first_unit[i]) / token_units, m_begin = (t - first_unit[i]) % token_units * tokens;
+                run_tile(lhs, w, part, row_unit * tile_rows(part, M), M, m_begin, std::min(M, m_begin + tokens), k_block, sink);
+            }
+        }
     }
 }
 

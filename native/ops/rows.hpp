@@ -2,6 +2,8 @@
 // which must be contiguous; leading dimensions may have any strides (views of fused outputs).
 #pragma once
 
+#include <algorithm>
+#include <omp.h>
 #include <vector>
 
 #include "../tensor.hpp"
@@ -11,6 +13,8 @@ namespace llaisys::ops {
 // Row counts from which the per-row ops split their rows over threads (one decode row is too
 // little work to wake them).
 constexpr int64_t kParallelRows = 4;
+// Row length from which the elementwise ops split fewer rows than that into column spans.
+constexpr int64_t kParallelColumns = 2048;
 
 inline int64_t n_rows(const Tensor& t) {
     int64_t rows = 1;
@@ -56,13 +60,25 @@ void elementwise(Tensor& out, const Tensor& a, const Tensor& b, const char* name
     check_rows(b, dim, name);
     LLAISYS_CHECK(n_rows(a) == n_rows(out) && n_rows(b) == n_rows(out), std::string(name) + ": row counts differ");
     // Rows split over the threads in prefill: run serially, these ops held the other threads
-    // waiting at the next matrix product. Each element is computed alone, so the split changes nothing.
+    // waiting at the next matrix product. A few long f32 rows (decode's SwiGLU, 4864 values) split
+    // into column spans of whole vectors instead. Each element is computed alone, so neither split
+    // changes anything.
     const int64_t rows = n_rows(out);
-#pragma omp parallel if (rows >= kParallelRows)
+    const bool f32 = out.dtype == DType::F32 && a.dtype == DType::F32 && b.dtype == DType::F32;
+    const bool spans = rows < kParallelRows && f32 && dim >= kParallelColumns;
+    const int64_t span = spans ? (dim / omp_get_max_threads() + 63) / 64 * 64 : std::max<int64_t>(dim, 1);
+    const int64_t per_row = (dim + span - 1) / span;  // 0 for empty rows (a rank without MLP columns)
+#pragma omp parallel if (rows >= kParallelRows || per_row > 1)
     {
         std::vector<float> as, bs, y(dim);
 #pragma omp for schedule(static)
-        for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t item = 0; item < rows * per_row; ++item) {
+            const int64_t r = item / per_row, c0 = item % per_row * span;
+            if (spans) {
+                f(reinterpret_cast<const float*>(row_ptr(a, r)) + c0, reinterpret_cast<const float*>(row_ptr(b, r)) + c0,
+                  reinterpret_cast<float*>(row_ptr(out, r)) + c0, std::min(span, dim - c0));
+                continue;
+            }
             const float* ar = row_f32(a, r, as);
             const float* br = row_f32(b, r, bs);
             f(ar, br, y.data(), dim);
