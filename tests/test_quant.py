@@ -82,7 +82,8 @@ def test_quantized_linear_matches_float64(name, M, N, K):
 
 @pytest.mark.parametrize("name,cols", [(name, 512) for name in TYPES] + [("BF16", 512), ("BF16", 40), ("F32", 40)])
 def test_a_token_gets_the_same_bits_alone_in_a_batch_or_in_a_prompt(name, cols):
-    """Decode and a batch of 3 (a whole group of rows per tile) and a 40-token prompt (AMX tiles of 32
+    """Decode and a batch of 2 (two groups of rows per tile, the second one partial here), a batch of 3
+    (a whole group of rows per tile) and a 40-token prompt (AMX tiles of 32
     tokens where the CPU has them, else one register of rows per tile, 8-row tails in 256-bit registers)
     sum the same integers and scale them in the same order. Float weights too: bf16 ones run on AMX
     tiles for every token count where the CPU has AMX-BF16 (and k is a multiple of 32)."""
@@ -101,6 +102,9 @@ def test_a_token_gets_the_same_bits_alone_in_a_batch_or_in_a_prompt(name, cols):
         _native.linear(alone, x[m:m + 1], w)
         assert np.array_equal(alone[0], prompt[m])
     assert np.array_equal(batch, prompt[:3])
+    pair = np.zeros((2, 104), np.float32)
+    _native.linear(pair, x[:2], w)
+    assert np.array_equal(pair, prompt[:2])
 
 
 PROMPT_WITHOUT_AMX = """

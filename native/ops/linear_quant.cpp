@@ -288,16 +288,26 @@ void tile(const ActivationBlock* x, int64_t ldx, const std::byte* group, int64_t
     typename V::F acc[MT][NU];
     for (int m = 0; m < MT; ++m)
         for (int u = 0; u < NU; ++u) acc[m][u] = V::zero();
-    // Where each unit's rows start in a block's chunks: its panel's chunk, and its first row there.
+    // Where each unit's rows start in a block's chunks: its group's and panel's chunk, and its first
+    // row there. Units past a group's are the next group's, a whole stream further on.
+    constexpr int group_units = kGroup * kPanel / V::kRows;
+    const int64_t group_stride = n_blocks * block_stride;
     int64_t panel_at[NU];
     int row_of[NU];
     for (int u = 0; u < NU; ++u) {
-        panel_at[u] = (u0 + u) * V::kRows / kPanel * l.chunk;
-        row_of[u] = (u0 + u) * V::kRows % kPanel;
+        const int in_group = (u0 + u) % group_units;
+        panel_at[u] = (u0 + u) / group_units * group_stride + in_group * V::kRows / kPanel * l.chunk;
+        row_of[u] = in_group * V::kRows % kPanel;
     }
+    const int g0 = u0 / group_units, g1 = (u0 + NU - 1) / group_units;  // the groups spanned (at most two)
     for (int64_t sb = sb0; sb < sb1; ++sb) {
         const int64_t b = sb / subs, j = sb % subs;
-        if (j == 0) prefetch(group + b * block_stride + kPrefetchBytes, NU * l.chunk * V::kRows / kPanel);
+        if (j == 0)
+            for (int g = g0; g <= g1; ++g) {
+                const int first = std::max(u0, g * group_units), last = std::min(u0 + NU, (g + 1) * group_units);
+                prefetch(group + g * group_stride + b * block_stride + kPrefetchBytes + (first % group_units) * l.chunk * V::kRows / kPanel,
+                         (last - first) * l.chunk * V::kRows / kPanel);
+            }
         const ActivationBlock* xs[MT];
         for (int m = 0; m < MT; ++m) xs[m] = x + m * ldx + sb;
         // Unrolled, so that the accumulators stay in registers (as a loop, gcc kept them in memory
@@ -329,17 +339,24 @@ void tile(const ActivationBlock* x, int64_t ldx, const std::byte* group, int64_t
 
 using TileFn = void (*)(const ActivationBlock*, int64_t, const std::byte*, int64_t, int, int64_t, int64_t, float*);
 
-// Every tile shape: 1..4 tokens x 1..(a group's units). Many tokens x few units would reread a
-// group's interleaved chunks once per unit, which left batched decode at 3x the per-token cost of prefill.
+// Every tile shape: 1..4 tokens x 1..(a group's units), and up to kPairTileTokens x two groups'
+// units. Many tokens x few units would reread a group's interleaved chunks once per unit, which
+// left batched decode at 3x the per-token cost of prefill.
+template <class V, DType T, int MT, int NU>
+constexpr TileFn tile_or_none() {
+    if constexpr (MT > kPairTileTokens && NU > kGroup * kPanel / V::kRows) return nullptr;
+    else return &tile<V, T, MT, NU>;
+}
+
 template <class V, DType T, int... I>
 constexpr std::array<TileFn, sizeof...(I)> tile_table(std::integer_sequence<int, I...>) {
-    constexpr int units = kGroup * kPanel / V::kRows;
-    return {tile<V, T, I / units + 1, I % units + 1>...};
+    constexpr int units = 2 * kGroup * kPanel / V::kRows;
+    return {tile_or_none<V, T, I / units + 1, I % units + 1>()...};
 }
 
 template <class V, DType T>
 TileFn pick(int mt, int nu) {
-    constexpr int units = kGroup * kPanel / V::kRows;
+    constexpr int units = 2 * kGroup * kPanel / V::kRows;
     static constexpr auto table = tile_table<V, T>(std::make_integer_sequence<int, kQuantTileTokens * units>{});
     return table[(mt - 1) * units + (nu - 1)];
 }
@@ -512,7 +529,8 @@ void prompt_tile(const ActivationBlock* x, const std::byte* group, int panel0, i
 
 void quant_tile(DType type, int mt, int nh, const quant::ActivationBlock* x, int64_t ldx, const std::byte* group,
                 int64_t n_blocks, int h0, int64_t sb0, int64_t sb1, float* tile) {
-    LLAISYS_CHECK(1 <= mt && mt <= kQuantTileTokens && 1 <= nh && nh <= kQuantTileHalves, "quant_tile: tile shape");
+    LLAISYS_CHECK(1 <= mt && mt <= kQuantTileTokens && 1 <= nh && nh <= kQuantTileHalves * (mt <= kPairTileTokens ? 2 : 1),
+                  "quant_tile: tile shape");
     switch (type) {
         case DType::Q8_0: return run<DType::Q8_0>(mt, nh, x, ldx, group, n_blocks, h0, sb0, sb1, tile);
         case DType::Q4_0: return run<DType::Q4_0>(mt, nh, x, ldx, group, n_blocks, h0, sb0, sb1, tile);
