@@ -212,12 +212,12 @@ void run_float_tile(int64_t mt, int64_t np, const X* x, int64_t ldx, const W* w,
 // x in the forms the parts' kernels consume, made once per call. (The calling thread's buffers,
 // which only grow: fresh large allocations would fault pages on every call.)
 struct Lhs {
-    const Bf16Lhs* bf16 = nullptr;  // rows of n_in rounded up to even
-    const float* f32 = nullptr;     // rows of n_in
+    Bf16Lhs* bf16 = nullptr;  // rows of n_in rounded up to even
+    float* f32 = nullptr;     // rows of n_in
     // Rows of n_in / 32 blocks; for AMX prompt tiles (interleaved) the 32 tokens of a tile side by
     // side per sub-block, so that a sub-block's activations for a tile are one run of memory: block
     // (m, sb) at ((m / 32) * ld_blocks + sb) * 32 + m % 32.
-    const quant::ActivationBlock* blocks = nullptr;
+    quant::ActivationBlock* blocks = nullptr;
     bool need_bf16 = false, need_f32 = false, need_blocks = false, interleaved = false;
     int64_t ld_bf16 = 0, ld_f32 = 0, ld_blocks = 0;
     int64_t span = 0, spans_per_row = 0;  // fill_lhs's columns an item (at most), and items a row
@@ -278,19 +278,18 @@ void fill_lhs(const Lhs& lhs, const Tensor& x, int64_t n_in, int64_t item, std::
     const int64_t c1 = std::min(n_in, c0 + lhs.span), n = c1 - c0;
     const float* xr = row_f32(x, m, scratch) + c0;
     if (lhs.need_bf16) {
-        Bf16Lhs* dst = const_cast<Bf16Lhs*>(lhs.bf16) + m * lhs.ld_bf16 + c0;
+        Bf16Lhs* dst = lhs.bf16 + m * lhs.ld_bf16 + c0;
         for (int64_t k = 0; k < n; ++k) {
             if constexpr (std::is_same_v<Bf16Lhs, uint16_t>) dst[k] = f32_to_bf16(xr[k]);
             else dst[k] = bf16_to_f32(f32_to_bf16(xr[k]));
         }
     }
-    if (lhs.need_f32) std::memcpy(const_cast<float*>(lhs.f32) + m * n_in + c0, xr, n * sizeof(float));
-    auto* blocks = const_cast<quant::ActivationBlock*>(lhs.blocks);
+    if (lhs.need_f32) std::memcpy(lhs.f32 + m * n_in + c0, xr, n * sizeof(float));
     if (lhs.need_blocks && lhs.interleaved) {
         constexpr int64_t T = tiles::kPromptTileTokens;
-        quant::quantize_activations(xr, blocks + ((m / T) * lhs.ld_blocks + c0 / 32) * T + m % T, n, T);
+        quant::quantize_activations(xr, lhs.blocks + ((m / T) * lhs.ld_blocks + c0 / 32) * T + m % T, n, T);
     } else if (lhs.need_blocks) {
-        quant::quantize_activations(xr, blocks + m * lhs.ld_blocks + c0 / 32, n);
+        quant::quantize_activations(xr, lhs.blocks + m * lhs.ld_blocks + c0 / 32, n);
     }
 }
 
