@@ -1,6 +1,7 @@
-"""Helpers shared by the benchmarks: the machine's description and plain-text tables."""
+"""Helpers shared by the benchmarks: the machine's description, plain-text tables and the decode timing."""
 import os
 import platform
+import time
 
 
 def machine() -> str:
@@ -23,3 +24,16 @@ def table(headers: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---:" for _ in headers) + "|"]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def greedy_decode_speed(engine, prompt: list[int], tokens: int) -> float:
+    """Tokens/s of `tokens` greedy decode steps of an Engine after `prompt` (untimed), in a fresh cache."""
+    # Imported here: the other helpers also serve scripts run where the extension is not built, and
+    # bench/decode_ab.py times another tree's build, found on its path.
+    from llaisys_chat import _native
+    cache = engine.model.new_cache(engine.max_context)
+    logits = engine.model.forward(cache, prompt)
+    start = time.perf_counter()
+    for _ in range(tokens):
+        logits = engine.model.forward(cache, [_native.argmax(logits[-1])[1]])
+    return tokens / (time.perf_counter() - start)

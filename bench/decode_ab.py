@@ -25,21 +25,15 @@ from common import machine, table  # noqa: E402
 THIS_TREE = Path(__file__).resolve().parent.parent
 TOKENS = 128
 
+# Run in the tree being timed (its llaisys_chat first on the path), with this tree's bench helpers.
 ONE_RUN = """
-import statistics, sys, time
-from llaisys_chat import _native
+import statistics, sys
+sys.path.insert(0, {bench!r})
+from common import greedy_decode_speed
 from llaisys_chat.engine import Engine
 engine = Engine(sys.argv[1], weights=sys.argv[2], threads=int(sys.argv[3]), max_context=2 * {tokens})
-speeds = []
-for _ in range(3):
-    cache = engine.model.new_cache(engine.max_context)
-    logits = engine.model.forward(cache, [1])
-    start = time.perf_counter()
-    for _ in range({tokens}):
-        logits = engine.model.forward(cache, [_native.argmax(logits[0])[1]])
-    speeds.append({tokens} / (time.perf_counter() - start))
-print(statistics.median(speeds))
-""".format(tokens=TOKENS)
+print(statistics.median(greedy_decode_speed(engine, [1], {tokens}) for _ in range(3)))
+""".format(bench=str(Path(__file__).resolve().parent), tokens=TOKENS)
 
 
 def one_run(tree: Path, model: str, weights: str, threads: int) -> float:
@@ -67,7 +61,7 @@ def main():
         a, b = statistics.median(this), statistics.median(other)
         rows.append([threads, ", ".join(f"{v:.1f}" for v in other), b, ", ".join(f"{v:.1f}" for v in this), a, a / b])
     print(f"Machine: {machine()}; {args.model} ({args.weights}); decode tok/s, rounds alternating")
-    print(table(["threads", f"{args.other.name} (rounds)", "median", "this tree (rounds)", "median", "ratio"], rows))
+    print(table(["threads", f"{args.other.resolve().name} (rounds)", "median", "this tree (rounds)", "median", "ratio"], rows))
 
 
 if __name__ == "__main__":

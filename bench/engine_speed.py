@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, table  # noqa: E402
+from common import greedy_decode_speed, machine, table  # noqa: E402
 from llama_cpp import llama_bench, same_weights_gguf  # noqa: E402
 from membw import read_bandwidth  # noqa: E402
 
@@ -46,12 +46,7 @@ def our_round(engine: Engine) -> dict:
         start = time.perf_counter()
         engine.model.forward(cache, prompt)
         speeds[("prefill", n)] = n / (time.perf_counter() - start)
-    cache = engine.model.new_cache(engine.max_context)
-    logits = engine.model.forward(cache, [1])
-    start = time.perf_counter()
-    for _ in range(DECODE):
-        logits = engine.model.forward(cache, [_native.argmax(logits[0])[1]])
-    speeds[("decode", DECODE)] = DECODE / (time.perf_counter() - start)
+    speeds[("decode", DECODE)] = greedy_decode_speed(engine, [1], DECODE)
     return speeds
 
 

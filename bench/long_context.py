@@ -10,29 +10,22 @@ file). Prints medians and their ratio.
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, table  # noqa: E402
+from common import greedy_decode_speed, machine, table  # noqa: E402
 from llama_cpp import llama_bench  # noqa: E402
 
-from llaisys_chat import _native  # noqa: E402
 from llaisys_chat.engine import Engine  # noqa: E402
 from llaisys_chat.model.builtins import builtin_gguf, find_builtin  # noqa: E402
 
 
 def our_decode(engine: Engine, depth: int, tokens: int) -> float:
     """Decode tokens/s after a context of `depth` random tokens."""
-    cache = engine.model.new_cache(engine.max_context)
     prompt = [int(t) for t in np.random.default_rng(depth).integers(0, 150000, depth)] + [1]
-    logits = engine.model.forward(cache, prompt)
-    start = time.perf_counter()
-    for _ in range(tokens):
-        logits = engine.model.forward(cache, [_native.argmax(logits[-1])[1]])
-    return tokens / (time.perf_counter() - start)
+    return greedy_decode_speed(engine, prompt, tokens)
 
 
 def main():

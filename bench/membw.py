@@ -19,15 +19,20 @@ import numpy as np  # noqa: E402
 ELEMENTS = 1 << 26  # two float32 arrays of 256 MiB per process: far beyond the caches
 
 
-def _stream(barrier, seconds, out):
-    a, b = np.ones(ELEMENTS, np.float32), np.ones(ELEMENTS, np.float32)
-    np.dot(a, b)  # touch the pages first
-    barrier.wait()
+def _read_rate(a, b, seconds: float) -> float:
+    """Bytes/s that dot products of a and b read, over `seconds`."""
     start, reads = time.perf_counter(), 0
     while time.perf_counter() - start < seconds:
         np.dot(a, b)  # a BLAS dot product streams both arrays at the memory's pace
         reads += 1
-    out.put(reads * (a.nbytes + b.nbytes) / (time.perf_counter() - start))
+    return reads * (a.nbytes + b.nbytes) / (time.perf_counter() - start)
+
+
+def _stream(barrier, seconds, out):
+    a, b = np.ones(ELEMENTS, np.float32), np.ones(ELEMENTS, np.float32)
+    np.dot(a, b)  # touch the pages first
+    barrier.wait()
+    out.put(_read_rate(a, b, seconds))
 
 
 def read_bandwidth(processes: int, seconds: float = 1.0) -> float:
@@ -47,11 +52,7 @@ def working_set_bandwidth(mib: int, seconds: float = 1.0) -> float:
     a = np.ones(mib << 17, np.float32)  # two arrays of mib / 2 MiB
     b = np.ones_like(a)
     np.dot(a, b)
-    start, reads = time.perf_counter(), 0
-    while time.perf_counter() - start < seconds:
-        np.dot(a, b)
-        reads += 1
-    return reads * (a.nbytes + b.nbytes) / (time.perf_counter() - start) / 1e9
+    return _read_rate(a, b, seconds) / 1e9
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--sizes"]:
