@@ -324,18 +324,24 @@ struct TileBlock {
     int64_t m0, mt, col0, ncols;
     const float* values;
     int64_t ld;
-    bool first, last;  // the tile's first and last k block
+    bool first, last;  // the first and last k block of the tile's k part
+    int64_t part;      // which of the tile's k parts (for_each_tile's k_parts)
+};
+
+// Columns [begin, end) of k that one unit of work covers: whole k blocks.
+struct KRange {
+    int64_t begin, end, part;
 };
 
 // Runs tile (part, first row r0) for tokens [m_begin, m_end) of M over k blocks of k_block columns and
 // hands each block's result to sink(const TileBlock&).
 template <class Sink>
 void run_tile(const Lhs& lhs, const PackedWeight& w, const PackedPart& part, int64_t r0, int64_t M, int64_t m_begin,
-              int64_t m_end, int64_t k_block, Sink& sink) {
+              int64_t m_end, int64_t k_block, KRange kr, Sink& sink) {
     alignas(64) float tile[kMaxTileValues];
     const int64_t rows = std::min(tile_rows(part, M), part.n_out - r0);
     const int64_t unit = k_unit(part.dtype);
-    const int64_t k_padded = part.dtype == DType::BF16 ? lhs.ld_bf16 : w.n_in;
+    kr.end = std::min(kr.end, part.dtype == DType::BF16 ? lhs.ld_bf16 : w.n_in);  // the last block may be short
     if (is_quantized(part.dtype)) {
         const int64_t n_blocks = w.n_in / block_elements(part.dtype);
         const int64_t chunk = panels::layout(part.dtype).chunk;
@@ -345,22 +351,22 @@ void run_tile(const Lhs& lhs, const PackedWeight& w, const PackedPart& part, int
         if (on_prompt_tiles(part, M)) {  // 32 tokens x two panels
             for (int64_t m0 = m_begin; m0 < m_end; m0 += tiles::kPromptTileTokens) {
                 const int64_t mt = std::min<int64_t>(tiles::kPromptTileTokens, m_end - m0);
-                for (int64_t k0 = 0; k0 < k_padded; k0 += k_block) {
-                    const int64_t k1 = std::min(k0 + k_block, k_padded);
+                for (int64_t k0 = kr.begin; k0 < kr.end; k0 += k_block) {
+                    const int64_t k1 = std::min(k0 + k_block, kr.end);
                     tiles::quant_prompt_tile(part.dtype, lhs.blocks + m0 * lhs.ld_blocks, group,
                                              h0 * tiles::kHalfRows / kPanel, k0 / unit, k1 / unit, tile);
-                    sink(TileBlock{m0, mt, part.row_begin + r0, rows, tile, tiles::kPromptTileRows, k0 == 0, k1 == k_padded});
+                    sink(TileBlock{m0, mt, part.row_begin + r0, rows, tile, tiles::kPromptTileRows, k0 == kr.begin, k1 == kr.end, kr.part});
                 }
             }
             return;
         }
         for (int64_t m0 = m_begin; m0 < m_end; m0 += tiles::kQuantTileTokens) {
             const int mt = static_cast<int>(std::min<int64_t>(tiles::kQuantTileTokens, m_end - m0));
-            for (int64_t k0 = 0; k0 < k_padded; k0 += k_block) {
-                const int64_t k1 = std::min(k0 + k_block, k_padded);
+            for (int64_t k0 = kr.begin; k0 < kr.end; k0 += k_block) {
+                const int64_t k1 = std::min(k0 + k_block, kr.end);
                 tiles::quant_tile(part.dtype, mt, nh, lhs.blocks + m0 * lhs.ld_blocks, lhs.ld_blocks, group, n_blocks, h0,
                                   k0 / unit, k1 / unit, tile);
-                sink(TileBlock{m0, mt, part.row_begin + r0, rows, tile, nh * tiles::kHalfRows, k0 == 0, k1 == k_padded});
+                sink(TileBlock{m0, mt, part.row_begin + r0, rows, tile, nh * tiles::kHalfRows, k0 == kr.begin, k1 == kr.end, kr.part});
             }
         }
         return;
@@ -373,11 +379,11 @@ void run_tile(const Lhs& lhs, const PackedWeight& w, const PackedPart& part, int
         const uint16_t* panel0 = part.panels.data<uint16_t>() + (p0 / kGroup) * part.panels.strides[0] + (p0 % kGroup) * step;
         for (int64_t m0 = m_begin; m0 < m_end; m0 += tiles::kPromptTileTokens) {
             const int mt = static_cast<int>(std::min<int64_t>(tiles::kPromptTileTokens, m_end - m0));
-            for (int64_t k0 = 0; k0 < k_padded; k0 += k_block) {
-                const int64_t k1 = std::min(k0 + k_block, k_padded);
+            for (int64_t k0 = kr.begin; k0 < kr.end; k0 += k_block) {
+                const int64_t k1 = std::min(k0 + k_block, kr.end);
                 tile_bf16_amx(lhs.bf16 + m0 * lhs.ld_bf16, lhs.ld_bf16, mt, panel0, row_stride, static_cast<int>(np),
                               k0 / unit, k1 / unit, tile);
-                sink(TileBlock{m0, mt, part.row_begin + r0, rows, tile, np * kPanel, k0 == 0, k1 == k_padded});
+                sink(TileBlock{m0, mt, part.row_begin + r0, rows, tile, np * kPanel, k0 == kr.begin, k1 == kr.end, kr.part});
             }
         }
         return;
@@ -385,8 +391,8 @@ void run_tile(const Lhs& lhs, const PackedWeight& w, const PackedPart& part, int
 #endif
     for (int64_t m0 = m_begin; m0 < m_end; m0 += kTileTokens) {
         const int64_t mt = std::min(kTileTokens, m_end - m0);
-        for (int64_t k0 = 0; k0 < k_padded; k0 += k_block) {
-            const int64_t k1 = std::min(k0 + k_block, k_padded);
+        for (int64_t k0 = kr.begin; k0 < kr.end; k0 += k_block) {
+            const int64_t k1 = std::min(k0 + k_block, kr.end);
             if (part.dtype == DType::BF16) {
                 const uint16_t* panel0 = part.panels.data<uint16_t>() + (p0 / kGroup) * part.panels.strides[0] + (p0 % kGroup) * step;
                 run_float_tile<Bf16Lhs, uint16_t>(mt, np, lhs.bf16 + m0 * lhs.ld_bf16, lhs.ld_bf16, panel0, row_stride,
@@ -395,32 +401,38 @@ void run_tile(const Lhs& lhs, const PackedWeight& w, const PackedPart& part, int
                 const float* panel0 = part.panels.data<float>() + (p0 / kGroup) * part.panels.strides[0] + (p0 % kGroup) * step;
                 run_float_tile<float, float>(mt, np, lhs.f32 + m0 * lhs.ld_f32, lhs.ld_f32, panel0, row_stride, k0, k1, tile);
             }
-            sink(TileBlock{m0, mt, part.row_begin + r0, rows, tile, np * kPanel, k0 == 0, k1 == k_padded});
+            sink(TileBlock{m0, mt, part.row_begin + r0, rows, tile, np * kPanel, k0 == kr.begin, k1 == kr.end, kr.part});
         }
     }
 }
 
+// Tiles of a part for M tokens: row tiles x token units.
+int64_t tiles_of(const PackedPart& part, int64_t M, int64_t n_in, int64_t k_block) {
+    const int64_t rows = tile_rows(part, M), tokens = tile_tokens(part, M, on_bf16_tiles(part, n_in, k_block));
+    return (part.n_out + rows - 1) / rows * ((M + tokens - 1) / tokens);
+}
+
 // Every tile of x W^T over k blocks of k_block columns, each handed to the sink. Threads split
-// the tiles (output rows, and tokens), never k: each output element is computed by one thread in one
-// fixed order, whatever the thread count.
+// the tiles (output rows, and tokens); each output element is computed by one thread in one fixed
+// order, whatever the thread count. With k_parts > 1 each tile's k range is also cut into that many
+// runs of whole k blocks, units of work of their own: only for sinks whose result does not depend on
+// how k is cut (linear_fixed's integer sums). TileBlock::part says which run a block belongs to.
 //
-// Each thread first takes its own contiguous run of tiles (as a static schedule would: its stream of
-// weights stays sequential), then helps the others by taking their next tiles: with a static split
+// Each thread first takes its own contiguous run of units (as a static schedule would: its stream of
+// weights stays sequential), then helps the others by taking their next units: with a static split
 // alone one of two decode threads waited 5-10% of each product for the other (the memory does not
 // serve both alike), and interleaving single tiles (a dynamic schedule) read 10% slower.
 template <class Sink>
-void for_each_tile(const Tensor& x, const PackedWeight& w, int64_t k_block, Sink sink) {
+void for_each_tile(const Tensor& x, const PackedWeight& w, int64_t k_block, int64_t k_parts, Sink sink) {
     LLAISYS_CHECK(x.size(-1) == w.n_in, "linear: x has the wrong number of columns");
     const Lhs lhs = prepare_lhs(x, w);
     const int64_t M = n_rows(x);
+    const int64_t k_blocks = (w.n_in + k_block - 1) / k_block;
     std::vector<int64_t> first_unit{0};  // per part, then the total
-    for (const PackedPart& part : w.parts) {
-        const int64_t rows = tile_rows(part, M), tokens = tile_tokens(part, M, on_bf16_tiles(part, w.n_in, k_block));
-        first_unit.push_back(first_unit.back() + (part.n_out + rows - 1) / rows * ((M + tokens - 1) / tokens));
-    }
+    for (const PackedPart& part : w.parts) first_unit.push_back(first_unit.back() + tiles_of(part, M, w.n_in, k_block) * k_parts);
     const int64_t units = first_unit.back();
     const int runs = omp_get_max_threads();
-    struct alignas(64) Run {  // a thread's run of tiles: the next one not taken, and its end
+    struct alignas(64) Run {  // a thread's run of units: the next one not taken, and its end
         std::atomic<int64_t> next;
         int64_t end;
     };
@@ -441,8 +453,10 @@ void for_each_tile(const Tensor& x, const PackedWeight& w, int64_t k_block, Sink
                 while (first_unit[i + 1] <= t) ++i;
                 const PackedPart& part = w.parts[i];
                 const int64_t tokens = tile_tokens(part, M, on_bf16_tiles(part, w.n_in, k_block)), token_units = (M + tokens - 1) / tokens;
-                const int64_t row_unit = (t - first_unit[i]) / token_units, m_begin = (t - first_unit[i]) % token_units * tokens;
-                run_tile(lhs, w, part, row_unit * tile_rows(part, M), M, m_begin, std::min(M, m_begin + tokens), k_block, sink);
+                const int64_t tile = (t - first_unit[i]) / k_parts, k_part = (t - first_unit[i]) % k_parts;
+                const int64_t row_unit = tile / token_units, m_begin = tile % token_units * tokens;
+                const KRange kr{k_blocks * k_part / k_parts * k_block, k_blocks * (k_part + 1) / k_parts * k_block, k_part};
+                run_tile(lhs, w, part, row_unit * tile_rows(part, M), M, m_begin, std::min(M, m_begin + tokens), k_block, kr, sink);
             }
         }
     }
@@ -471,7 +485,7 @@ void linear(Tensor& out, const Tensor& x, const PackedWeight& w, const Tensor* b
     }
     const int64_t k_all = (w.n_in + 1) / 2 * 2;  // every part's whole k range in one block
     const float* bias_f32 = b.empty() ? nullptr : b.data();
-    for_each_tile(x, w, k_all, [&](const TileBlock& b) {
+    for_each_tile(x, w, k_all, 1, [&](const TileBlock& b) {
         float row[kMaxTileRows];  // one token's columns of the tile, biased
         for (int64_t m = 0; m < b.mt; ++m) {
             for (int64_t c = 0; c < b.ncols; ++c) row[c] = b.values[m * b.ld + c] + (bias_f32 ? bias_f32[b.col0 + c] : 0.0f);
@@ -517,6 +531,22 @@ void add_fixed(int64_t* dst, const float* v, int64_t n) {
     }
 }
 
+// Units of work per thread that let the threads finish a product together, by stealing.
+constexpr int64_t kUnitsPerThread = 4;
+
+// How many runs of k blocks linear_fixed cuts each tile into: one, unless a few tokens' tiles are
+// too few for the threads (a decode step's down_proj in the 0.5B model is 7 tiles: of 2 threads one
+// did 4 and the other waited; at 8 threads a rank's o_proj left one idle). Integer sums make any cut
+// give the same bits.
+int64_t fixed_k_parts(const Tensor& x, const PackedWeight& w, int64_t k_block) {
+    const int64_t M = n_rows(x);
+    if (M > kFewTokens) return 1;
+    int64_t tiles = 0;
+    for (const PackedPart& part : w.parts) tiles += tiles_of(part, M, w.n_in, k_block);
+    const int64_t wanted = (kUnitsPerThread * omp_get_max_threads() + tiles - 1) / std::max<int64_t>(tiles, 1);
+    return std::clamp<int64_t>(wanted, 1, std::max<int64_t>(w.n_in / k_block, 1));
+}
+
 }  // namespace
 
 void linear_fixed(Tensor& out, const Tensor& x, const PackedWeight& w, int64_t k_block) {
@@ -526,18 +556,33 @@ void linear_fixed(Tensor& out, const Tensor& x, const PackedWeight& w, int64_t k
     for (const PackedPart& part : w.parts)
         LLAISYS_CHECK(k_block > 0 && k_block % k_unit(part.dtype) == 0 && w.n_in % k_block == 0,
                       "linear_fixed: k_block must divide n_in in whole steps of every part's kernel");
-    for_each_tile(x, w, k_block, [&](const TileBlock& b) {
-        // The tile's sums stay in this thread's buffer, in cache, over its k blocks, and go to out once.
+    const int64_t M = n_rows(x), n_out = w.n_out, parts = fixed_k_parts(x, w, k_block);
+    // Cut in k, each part's sums go to a buffer of their own (each element written by one thread),
+    // added to out at the end. (A pointer: the lambda runs on other threads, which have their own
+    // thread_local vector.)
+    thread_local std::vector<int64_t> part_buffer;
+    if (parts > 1) part_buffer.assign(parts * M * n_out, 0);
+    int64_t* const part_sums = part_buffer.data();
+    for_each_tile(x, w, k_block, parts, [&](const TileBlock& b) {
+        // The tile's sums stay in this thread's buffer, in cache, over its k blocks, and go out once.
         alignas(64) thread_local int64_t sums[kMaxTileValues];
         const int64_t n = b.mt * b.ld;  // columns past ncols hold the panels' zero padding
         if (b.first) std::fill(sums, sums + n, int64_t{0});
         add_fixed(sums, b.values, n);
         if (!b.last) return;
         for (int64_t m = 0; m < b.mt; ++m) {
-            int64_t* dst = reinterpret_cast<int64_t*>(row_ptr(out, b.m0 + m)) + b.col0;
+            int64_t* dst = parts > 1 ? part_sums + (b.part * M + b.m0 + m) * n_out + b.col0
+                                     : reinterpret_cast<int64_t*>(row_ptr(out, b.m0 + m)) + b.col0;
             for (int64_t c = 0; c < b.ncols; ++c) dst[c] += sums[m * b.ld + c];
         }
     });
+    if (parts == 1) return;
+    for (int64_t p = 0; p < parts; ++p)
+        for (int64_t m = 0; m < M; ++m) {
+            int64_t* dst = reinterpret_cast<int64_t*>(row_ptr(out, m));
+            const int64_t* src = part_sums + (p * M + m) * n_out;
+            for (int64_t c = 0; c < n_out; ++c) dst[c] += src[c];
+        }
 }
 
 void from_fixed(Tensor& out, const Tensor& in) {
