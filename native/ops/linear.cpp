@@ -256,10 +256,19 @@ Lhs prepare_lhs(const Tensor& x, const PackedWeight& w) {
     lhs.ld_bf16 = (n_in + 1) / 2 * 2;
     lhs.ld_f32 = n_in;
     lhs.ld_blocks = n_in / 32;
-    if (lhs.need_bf16) bf16.assign(rows * lhs.ld_bf16, Bf16Lhs{0});
-    if (lhs.need_f32) f32.resize(rows * n_in);
+    // The buffers only grow: resizing them to each product's size would zero the grown part again
+    // at every call (a decode step's down_proj after its qkv_proj: 160 KB).
+    const auto at_least = [](auto& buffer, int64_t n) {
+        if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(n);
+    };
+    if (lhs.need_bf16) {
+        at_least(bf16, rows * lhs.ld_bf16);
+        if (lhs.ld_bf16 != n_in)  // an odd n_in's pad column, which the k-pair kernels read
+            for (int64_t m = 0; m < rows; ++m) bf16[m * lhs.ld_bf16 + n_in] = Bf16Lhs{0};
+    }
+    if (lhs.need_f32) at_least(f32, rows * n_in);
     // AMX prompt tiles read 32 tokens' blocks at a time: those past the last token are never used.
-    if (lhs.need_blocks) blocks.resize((rows + tiles::kPromptTileTokens - 1) / tiles::kPromptTileTokens * tiles::kPromptTileTokens * lhs.ld_blocks);
+    if (lhs.need_blocks) at_least(blocks, (rows + tiles::kPromptTileTokens - 1) / tiles::kPromptTileTokens * tiles::kPromptTileTokens * lhs.ld_blocks);
     // A few tokens' rows are cut into column spans, so that every thread has a share (decode's
     // activations before down_proj are 4864 values: quantizing them on one thread kept the other
     // waiting). A span is whole 32-value blocks, and each value is converted alone, so the cut
