@@ -4,7 +4,8 @@ Decode speed is bound by it, and on a shared VM it drifts: the scaling benchmark
 their tables, so that a ratio can be read against what the memory allowed at the time.
 
     python bench/membw.py N      (prints one line)
-    python bench/membw.py --sizes   (1 process: GB/s by working-set size, to see what the caches hold)
+    python bench/membw.py --sizes [N]   (GB/s by working-set size, shared by N processes (default 1):
+                                         what the caches hold)
 """
 import os
 
@@ -28,17 +29,19 @@ def _read_rate(a, b, seconds: float) -> float:
     return reads * (a.nbytes + b.nbytes) / (time.perf_counter() - start)
 
 
-def _stream(barrier, seconds, out):
-    a, b = np.ones(ELEMENTS, np.float32), np.ones(ELEMENTS, np.float32)
+def _stream(barrier, seconds, out, elements):
+    a, b = np.ones(elements, np.float32), np.ones(elements, np.float32)
     np.dot(a, b)  # touch the pages first
     barrier.wait()
     out.put(_read_rate(a, b, seconds))
 
 
-def read_bandwidth(processes: int, seconds: float = 1.0) -> float:
-    """Total GB/s that `processes` processes read while streaming at the same time."""
+def read_bandwidth(processes: int, seconds: float = 1.0, mib: int = 0) -> float:
+    """Total GB/s that `processes` processes read while reading at the same time: each streams its
+    own 512 MiB, or rereads its share of a working set of `mib` MiB in all."""
+    elements = ELEMENTS if mib == 0 else (mib << 17) // processes  # two float32 arrays a process
     barrier, out = mp.Barrier(processes), mp.Queue()
-    workers = [mp.Process(target=_stream, args=(barrier, seconds, out)) for _ in range(processes)]
+    workers = [mp.Process(target=_stream, args=(barrier, seconds, out, elements)) for _ in range(processes)]
     for w in workers:
         w.start()
     total = sum(out.get() for _ in workers)
@@ -47,18 +50,11 @@ def read_bandwidth(processes: int, seconds: float = 1.0) -> float:
     return total / 1e9
 
 
-def working_set_bandwidth(mib: int, seconds: float = 1.0) -> float:
-    """GB/s of one process rereading `mib` MiB over and over: above memory's rate while the set fits a cache."""
-    a = np.ones(mib << 17, np.float32)  # two arrays of mib / 2 MiB
-    b = np.ones_like(a)
-    np.dot(a, b)
-    return _read_rate(a, b, seconds) / 1e9
-
-
-if __name__ == "__main__" and sys.argv[1:] == ["--sizes"]:
-    print("| working set (MiB) | read GB/s, 1 process |\n|---:|---:|")
-    for mib in (2, 16, 32, 64, 128, 256, 512):
-        print(f"| {mib} | {working_set_bandwidth(mib):.1f} |")
+if __name__ == "__main__" and sys.argv[1:2] == ["--sizes"]:
+    n = int(sys.argv[2]) if len(sys.argv) > 2 else 1
+    print(f"| working set (MiB) | read GB/s, {n} process{'es' if n > 1 else ''} |\n|---:|---:|")
+    for mib in (2, 16, 32, 64, 128, 192, 256, 384, 512):
+        print(f"| {mib} | {read_bandwidth(n, mib=mib):.1f} |", flush=True)
 elif __name__ == "__main__":
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 2
     print(f"read bandwidth now: {read_bandwidth(1):.0f} GB/s with 1 process, {read_bandwidth(n):.0f} GB/s with {n}")
