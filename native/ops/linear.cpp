@@ -32,9 +32,16 @@ constexpr int64_t kTileTokens = 4, kTilePanelsPrefill = 1, kTilePanelsDecode = 4
 #endif
 constexpr int kMaxTokens = 8, kMaxPanels = kGroup;
 constexpr int64_t kMaxTileValues = std::max<int64_t>(kMaxTokens * kMaxPanels * kPanel, tiles::kPromptTileTokens * tiles::kPromptTileRows);
-constexpr int64_t kMaxTileRows = 2 * tiles::kQuantTileHalves * tiles::kHalfRows;  // a two-group quantized tile's
-static_assert(tiles::kPairTileTokens * kMaxTileRows <= kMaxTileValues, "a two-group tile must fit the tile buffer");
-constexpr int64_t kFewTokens = 16;  // up to this many tokens, quantized tiles span a whole group
+constexpr int64_t kMaxTileRows = tiles::kMaxTileGroups * tiles::kQuantTileHalves * tiles::kHalfRows;  // a quantized tile's
+constexpr bool quantized_tiles_fit() {
+    for (int mt = 1; mt <= tiles::kQuantTileTokens; ++mt)
+        if (mt * tiles::max_tile_groups(mt) * tiles::kQuantTileHalves * tiles::kHalfRows > kMaxTileValues) return false;
+    return true;
+}
+static_assert(quantized_tiles_fit(), "every quantized tile must fit the tile buffer");
+constexpr int64_t kFewTokens = 16;  // up to this many tokens, quantized tiles span a whole group or more
+// Units of work per thread that let the threads finish a product together, by stealing.
+constexpr int64_t kUnitsPerThread = 4;
 static_assert(kGroup % kTilePanelsDecode == 0 && kGroup % kTilePanelsPrefill == 0, "tiles must not straddle groups");
 // Software prefetch distance, in k steps ahead of the tile's loads (measured: 8 to 64 do alike).
 constexpr int64_t kPrefetchSteps = 32;
@@ -302,16 +309,21 @@ void fill_lhs(const Lhs& lhs, const Tensor& x, int64_t n_in, int64_t item, std::
     }
 }
 
-// How a part is cut into tiles: each tile is `rows` output rows (a whole number of 8-row halves
-// for quantized parts, of 16-row panels for float ones) for all tokens.
-int64_t tile_rows(const PackedPart& part, int64_t M) {
+// How a part is cut into tiles for `threads` threads: each tile is `rows` output rows (a whole number
+// of 8-row halves for quantized parts, of 16-row panels for float ones) for all tokens.
+int64_t tile_rows(const PackedPart& part, int64_t M, int threads) {
     // A few tokens (decode, batched decode) stream each group once; one or two tokens read two groups
-    // side by side, except in Q8_0, whose decode that made 3-7% slower (Q4_0's 6-8% faster, 2-core
-    // machine). Many tokens take one register of rows at a time (a half, or a panel with 512-bit
-    // VNNI), which their reuse keeps in L1, or with AMX the two panels of a prompt tile.
+    // side by side (one token four, while that leaves each thread kUnitsPerThread tiles), except in
+    // Q8_0, whose decode two groups made 3-7% slower (Q4_0's 6-8% faster, 2-core machine). Many
+    // tokens take one register of rows at a time (a half, or a panel with 512-bit VNNI), which their
+    // reuse keeps in L1, or with AMX the two panels of a prompt tile.
     if (is_quantized(part.dtype)) {
-        if (M <= tiles::kPairTileTokens && part.dtype != DType::Q8_0) return 2 * tiles::kQuantTileHalves * tiles::kHalfRows;
-        if (M <= kFewTokens) return tiles::kQuantTileHalves * tiles::kHalfRows;
+        if (M <= kFewTokens) {
+            constexpr int64_t group_rows = tiles::kQuantTileHalves * tiles::kHalfRows;
+            int64_t groups = part.dtype == DType::Q8_0 ? 1 : tiles::max_tile_groups(static_cast<int>(M));
+            while (groups > 2 && (part.n_out + groups * group_rows - 1) / (groups * group_rows) < kUnitsPerThread * threads) groups /= 2;
+            return groups * group_rows;
+        }
         return on_prompt_tiles(part, M) ? tiles::kPromptTileRows : tiles::kRegisterRows;
     }
     return (M <= kFewTokens ? kTilePanelsDecode : kTilePanelsPrefill) * kPanel;
@@ -346,9 +358,9 @@ struct KRange {
 // hands each block's result to sink(const TileBlock&).
 template <class Sink>
 void run_tile(const Lhs& lhs, const PackedWeight& w, const PackedPart& part, int64_t r0, int64_t M, int64_t m_begin,
-              int64_t m_end, int64_t k_block, KRange kr, Sink& sink) {
+              int64_t m_end, int64_t k_block, int64_t tile_rows, KRange kr, Sink& sink) {
     alignas(64) float tile[kMaxTileValues];
-    const int64_t rows = std::min(tile_rows(part, M), part.n_out - r0);
+    const int64_t rows = std::min(tile_rows, part.n_out - r0);
     const int64_t unit = k_unit(part.dtype);
     kr.end = std::min(kr.end, part.dtype == DType::BF16 ? lhs.ld_bf16 : w.n_in);  // the last block may be short
     if (is_quantized(part.dtype)) {
@@ -415,9 +427,9 @@ void run_tile(const Lhs& lhs, const PackedWeight& w, const PackedPart& part, int
     }
 }
 
-// Tiles of a part for M tokens: row tiles x token units.
-int64_t tiles_of(const PackedPart& part, int64_t M, int64_t n_in, int64_t k_block) {
-    const int64_t rows = tile_rows(part, M), tokens = tile_tokens(part, M, on_bf16_tiles(part, n_in, k_block));
+// Tiles of a part for M tokens and `threads` threads: row tiles x token units.
+int64_t tiles_of(const PackedPart& part, int64_t M, int64_t n_in, int64_t k_block, int threads) {
+    const int64_t rows = tile_rows(part, M, threads), tokens = tile_tokens(part, M, on_bf16_tiles(part, n_in, k_block));
     return (part.n_out + rows - 1) / rows * ((M + tokens - 1) / tokens);
 }
 
@@ -437,10 +449,13 @@ void for_each_tile(const Tensor& x, const PackedWeight& w, int64_t k_block, int6
     const Lhs lhs = prepare_lhs(x, w);
     const int64_t M = n_rows(x);
     const int64_t k_blocks = (w.n_in + k_block - 1) / k_block;
-    std::vector<int64_t> first_unit{0};  // per part, then the total
-    for (const PackedPart& part : w.parts) first_unit.push_back(first_unit.back() + tiles_of(part, M, w.n_in, k_block) * k_parts);
-    const int64_t units = first_unit.back();
     const int runs = omp_get_max_threads();
+    std::vector<int64_t> first_unit{0}, rows_of;  // per part (then the total), and its tiles' rows
+    for (const PackedPart& part : w.parts) {
+        first_unit.push_back(first_unit.back() + tiles_of(part, M, w.n_in, k_block, runs) * k_parts);
+        rows_of.push_back(tile_rows(part, M, runs));
+    }
+    const int64_t units = first_unit.back();
     struct alignas(64) Run {  // a thread's run of units: the next one not taken, and its end
         std::atomic<int64_t> next;
         int64_t end;
@@ -465,7 +480,7 @@ void for_each_tile(const Tensor& x, const PackedWeight& w, int64_t k_block, int6
                 const int64_t tile = (t - first_unit[i]) / k_parts, k_part = (t - first_unit[i]) % k_parts;
                 const int64_t row_unit = tile / token_units, m_begin = tile % token_units * tokens;
                 const KRange kr{k_blocks * k_part / k_parts * k_block, k_blocks * (k_part + 1) / k_parts * k_block, k_part};
-                run_tile(lhs, w, part, row_unit * tile_rows(part, M), M, m_begin, std::min(M, m_begin + tokens), k_block, kr, sink);
+                run_tile(lhs, w, part, row_unit * rows_of[i], M, m_begin, std::min(M, m_begin + tokens), k_block, rows_of[i], kr, sink);
             }
         }
     }
@@ -540,9 +555,6 @@ void add_fixed(int64_t* dst, const float* v, int64_t n) {
     }
 }
 
-// Units of work per thread that let the threads finish a product together, by stealing.
-constexpr int64_t kUnitsPerThread = 4;
-
 // How many runs of k blocks linear_fixed cuts each tile into: one, unless a few tokens' tiles are
 // too few for the threads (a decode step's down_proj in the 0.5B model is 7 tiles: of 2 threads one
 // did 4 and the other waited; at 8 threads a rank's o_proj left one idle). Integer sums make any cut
@@ -551,8 +563,9 @@ int64_t fixed_k_parts(const Tensor& x, const PackedWeight& w, int64_t k_block) {
     const int64_t M = n_rows(x);
     if (M > kFewTokens) return 1;
     int64_t tiles = 0;
-    for (const PackedPart& part : w.parts) tiles += tiles_of(part, M, w.n_in, k_block);
-    const int64_t wanted = (kUnitsPerThread * omp_get_max_threads() + tiles - 1) / std::max<int64_t>(tiles, 1);
+    const int threads = omp_get_max_threads();
+    for (const PackedPart& part : w.parts) tiles += tiles_of(part, M, w.n_in, k_block, threads);
+    const int64_t wanted = (kUnitsPerThread * threads + tiles - 1) / std::max<int64_t>(tiles, 1);
     return std::clamp<int64_t>(wanted, 1, std::max<int64_t>(w.n_in / k_block, 1));
 }
 

@@ -292,6 +292,7 @@ void tile(const ActivationBlock* x, int64_t ldx, const std::byte* group, int64_t
     // row there. Units past a group's are the next group's, a whole stream further on.
     constexpr int group_units = kGroup * kPanel / V::kRows;
     const int64_t group_stride = n_blocks * block_stride;
+    constexpr bool kGroups = NU > group_units;
     int64_t panel_at[NU];
     int row_of[NU];
     for (int u = 0; u < NU; ++u) {
@@ -299,7 +300,7 @@ void tile(const ActivationBlock* x, int64_t ldx, const std::byte* group, int64_t
         panel_at[u] = (u0 + u) / group_units * group_stride + in_group * V::kRows / kPanel * l.chunk;
         row_of[u] = in_group * V::kRows % kPanel;
     }
-    const int g0 = u0 / group_units, g1 = (u0 + NU - 1) / group_units;  // the groups spanned (at most two)
+    const int g0 = u0 / group_units, g1 = (u0 + NU - 1) / group_units;  // the groups spanned
     for (int64_t sb = sb0; sb < sb1; ++sb) {
         const int64_t b = sb / subs, j = sb % subs;
         if (j == 0)
@@ -312,10 +313,13 @@ void tile(const ActivationBlock* x, int64_t ldx, const std::byte* group, int64_t
         for (int m = 0; m < MT; ++m) xs[m] = x + m * ldx + sb;
         // Unrolled, so that the accumulators stay in registers (as a loop, gcc kept them in memory
         // and recomputed each unit's address: a third of the instructions of a Q8_0 decode step).
-#pragma GCC unroll 8
+#pragma GCC unroll 16
         for (int u = 0; u < NU; ++u) {
-            const int row = row_of[u];
-            const std::byte* chunk = group + b * block_stride + panel_at[u];
+            // A tile of several groups starts at a group's first unit (quant_tile checks), so its
+            // units' places are constants apart: a table of them took more registers than there are.
+            const int row = kGroups ? (u % group_units) * V::kRows % kPanel : row_of[u];
+            const std::byte* chunk = group + b * block_stride +
+                                     (kGroups ? u / group_units * group_stride + (u % group_units) * V::kRows / kPanel * l.chunk : panel_at[u]);
             typename V::I sums[MT];
             const std::byte* values = chunk + l.values + row * 4;
             if constexpr (T == DType::Q8_0) dot_q8<V, MT>(values, xs, sums);
@@ -339,24 +343,23 @@ void tile(const ActivationBlock* x, int64_t ldx, const std::byte* group, int64_t
 
 using TileFn = void (*)(const ActivationBlock*, int64_t, const std::byte*, int64_t, int, int64_t, int64_t, float*);
 
-// Every tile shape: 1..4 tokens x 1..(a group's units), and up to kPairTileTokens x two groups'
-// units. Many tokens x few units would reread a group's interleaved chunks once per unit, which
+// Every tile shape: 1..4 tokens x 1..(max_tile_groups(tokens) groups' units). Many tokens x few units would reread a group's interleaved chunks once per unit, which
 // left batched decode at 3x the per-token cost of prefill.
 template <class V, DType T, int MT, int NU>
 constexpr TileFn tile_or_none() {
-    if constexpr (MT > kPairTileTokens && NU > kGroup * kPanel / V::kRows) return nullptr;
+    if constexpr (NU > max_tile_groups(MT) * kGroup * kPanel / V::kRows) return nullptr;
     else return &tile<V, T, MT, NU>;
 }
 
 template <class V, DType T, int... I>
 constexpr std::array<TileFn, sizeof...(I)> tile_table(std::integer_sequence<int, I...>) {
-    constexpr int units = 2 * kGroup * kPanel / V::kRows;
+    constexpr int units = kMaxTileGroups * kGroup * kPanel / V::kRows;
     return {tile_or_none<V, T, I / units + 1, I % units + 1>()...};
 }
 
 template <class V, DType T>
 TileFn pick(int mt, int nu) {
-    constexpr int units = 2 * kGroup * kPanel / V::kRows;
+    constexpr int units = kMaxTileGroups * kGroup * kPanel / V::kRows;
     static constexpr auto table = tile_table<V, T>(std::make_integer_sequence<int, kQuantTileTokens * units>{});
     return table[(mt - 1) * units + (nu - 1)];
 }
@@ -529,7 +532,8 @@ void prompt_tile(const ActivationBlock* x, const std::byte* group, int panel0, i
 
 void quant_tile(DType type, int mt, int nh, const quant::ActivationBlock* x, int64_t ldx, const std::byte* group,
                 int64_t n_blocks, int h0, int64_t sb0, int64_t sb1, float* tile) {
-    LLAISYS_CHECK(1 <= mt && mt <= kQuantTileTokens && 1 <= nh && nh <= kQuantTileHalves * (mt <= kPairTileTokens ? 2 : 1),
+    LLAISYS_CHECK(1 <= mt && mt <= kQuantTileTokens && 1 <= nh && nh <= kQuantTileHalves * max_tile_groups(mt) &&
+                      (nh <= kQuantTileHalves || h0 == 0),
                   "quant_tile: tile shape");
     switch (type) {
         case DType::Q8_0: return run<DType::Q8_0>(mt, nh, x, ldx, group, n_blocks, h0, sb0, sb1, tile);
