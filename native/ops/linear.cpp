@@ -313,14 +313,14 @@ void fill_lhs(const Lhs& lhs, const Tensor& x, int64_t n_in, int64_t item, std::
 // of 8-row halves for quantized parts, of 16-row panels for float ones) for all tokens.
 int64_t tile_rows(const PackedPart& part, int64_t M, int threads) {
     // A few tokens (decode, batched decode) stream each group once; one or two tokens read two groups
-    // side by side (one token four, while that leaves each thread kUnitsPerThread tiles), except in
-    // Q8_0, whose decode two groups made 3-7% slower (Q4_0's 6-8% faster, 2-core machine). Many
+    // side by side, one token four while that leaves each thread kUnitsPerThread tiles (2-core
+    // machine: Q4_0 decode +6-8% for two groups, +4-5% more for four; Q8_0 +3-5% for four). Many
     // tokens take one register of rows at a time (a half, or a panel with 512-bit VNNI), which their
     // reuse keeps in L1, or with AMX the two panels of a prompt tile.
     if (is_quantized(part.dtype)) {
         if (M <= kFewTokens) {
             constexpr int64_t group_rows = tiles::kQuantTileHalves * tiles::kHalfRows;
-            int64_t groups = part.dtype == DType::Q8_0 ? 1 : tiles::max_tile_groups(static_cast<int>(M));
+            int64_t groups = tiles::max_tile_groups(static_cast<int>(M));
             while (groups > 2 && (part.n_out + groups * group_rows - 1) / (groups * group_rows) < kUnitsPerThread * threads) groups /= 2;
             return groups * group_rows;
         }
