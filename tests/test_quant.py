@@ -80,9 +80,11 @@ def test_quantized_linear_matches_float64(name, M, N, K):
     assert np.abs(out - expected).max() <= 1e-5 * np.abs(expected).max()
 
 
-@pytest.mark.parametrize("name,cols", [(name, 512) for name in TYPES] + [("BF16", 512), ("BF16", 40), ("F32", 40)])
-def test_a_token_gets_the_same_bits_alone_in_a_batch_or_in_a_prompt(name, cols):
-    """Decode and a batch of 2 (two groups of rows per tile, the second one partial here), a batch of 3
+@pytest.mark.parametrize("name,cols,rows", [(name, 512, 104) for name in TYPES] + [(name, 256, 2088) for name in TYPES]
+                         + [("BF16", 512, 104), ("BF16", 40, 104), ("F32", 40, 104)])
+def test_a_token_gets_the_same_bits_alone_in_a_batch_or_in_a_prompt(name, cols, rows):
+    """Decode (up to four groups of rows per tile where there are enough rows for the threads: 2088
+    rows on two threads), a batch of 2 (two groups of rows per tile, the second one partial here), a batch of 3
     (a whole group of rows per tile) and a 40-token prompt (AMX tiles of 32
     tokens where the CPU has them, else one register of rows per tile, 8-row tails in 256-bit registers)
     sum the same integers and scale them in the same order. Float weights too: bf16 ones run on AMX
@@ -90,19 +92,19 @@ def test_a_token_gets_the_same_bits_alone_in_a_batch_or_in_a_prompt(name, cols):
     r = rng(11)
     dtype = getattr(_native.DType, name)
     if name in TYPES:
-        w = _native.pack_weight(quantized(name, random_blocks(name, 104, cols, r)), dtype)
+        w = _native.pack_weight(quantized(name, random_blocks(name, rows, cols, r)), dtype)
     else:
-        w = _native.pack_weight(r.standard_normal((104, cols)).astype(np.float32), dtype)
+        w = _native.pack_weight(r.standard_normal((rows, cols)).astype(np.float32), dtype)
     x = r.standard_normal((40, cols)).astype(np.float32)
-    prompt, batch = np.zeros((40, 104), np.float32), np.zeros((3, 104), np.float32)
+    prompt, batch = np.zeros((40, rows), np.float32), np.zeros((3, rows), np.float32)
     _native.linear(prompt, x, w)
     _native.linear(batch, x[:3], w)
     for m in range(40):
-        alone = np.zeros((1, 104), np.float32)
+        alone = np.zeros((1, rows), np.float32)
         _native.linear(alone, x[m:m + 1], w)
         assert np.array_equal(alone[0], prompt[m])
     assert np.array_equal(batch, prompt[:3])
-    pair = np.zeros((2, 104), np.float32)
+    pair = np.zeros((2, rows), np.float32)
     _native.linear(pair, x[:2], w)
     assert np.array_equal(pair, prompt[:2])
 
