@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <array>
 #include <cstring>
+#include <type_traits>
 #include <utility>
 #include <immintrin.h>
 
@@ -347,7 +348,12 @@ using TileFn = void (*)(const ActivationBlock*, int64_t, const std::byte*, int64
 // left batched decode at 3x the per-token cost of prefill.
 template <class V, DType T, int MT, int NU>
 constexpr TileFn tile_or_none() {
-    if constexpr (NU > max_tile_groups(MT) * kGroup * kPanel / V::kRows) return nullptr;
+    constexpr int group_units = kGroup * kPanel / V::kRows;
+#ifdef LLAISYS_ZMM_TILES
+    // With 512-bit tiles, 256-bit ones only take odd halves within a group (run() below).
+    if constexpr (std::is_same_v<V, Ymm> && NU > group_units) return nullptr;
+#endif
+    if constexpr (NU > max_tile_groups(MT) * group_units) return nullptr;
     else return &tile<V, T, MT, NU>;
 }
 
@@ -369,6 +375,16 @@ void run(int mt, int nh, const ActivationBlock* x, int64_t ldx, const std::byte*
          int64_t sb0, int64_t sb1, float* out) {
 #ifdef LLAISYS_ZMM_TILES
     if (h0 % 2 == 0 && nh % 2 == 0) return pick<Zmm, T>(mt, nh / 2)(x, ldx, group, n_blocks, h0 / 2, sb0, sb1, out);
+    if (nh > kQuantTileHalves) {  // several groups (so h0 = 0), an odd number of halves: the last one apart
+        float even[kQuantTileTokens * kMaxTileGroups * kQuantTileHalves * kHalfRows], last[kQuantTileTokens * kHalfRows];
+        pick<Zmm, T>(mt, nh / 2)(x, ldx, group, n_blocks, 0, sb0, sb1, even);
+        pick<Ymm, T>(mt, 1)(x, ldx, group, n_blocks, nh - 1, sb0, sb1, last);
+        for (int m = 0; m < mt; ++m) {
+            std::copy_n(even + m * (nh - 1) * kHalfRows, (nh - 1) * kHalfRows, out + m * nh * kHalfRows);
+            std::copy_n(last + m * kHalfRows, kHalfRows, out + (m * nh + nh - 1) * kHalfRows);
+        }
+        return;
+    }
 #endif
     pick<Ymm, T>(mt, nh)(x, ldx, group, n_blocks, h0, sb0, sb1, out);
 }

@@ -22,8 +22,14 @@ constexpr int kQuantTileHalves = 8;  // x up to a whole group (4 panels x 2 halv
 // A tile of one token may span up to four groups (4 x kQuantTileHalves halves), of two tokens two,
 // which it reads side by side: a thread reading its weights as 4 streams read 13% faster than as 2,
 // and 2 faster than 1 (probes on the 2-core machine, two threads).
+// (With 256-bit registers only, 16 of them, one token reads two groups: four groups' accumulators
+// would not fit.)
+#ifdef LLAISYS_ZMM_TILES
 constexpr int kMaxTileGroups = 4;
-constexpr int max_tile_groups(int mt) { return mt == 1 ? 4 : mt == 2 ? 2 : 1; }
+#else
+constexpr int kMaxTileGroups = 2;
+#endif
+constexpr int max_tile_groups(int mt) { return mt == 1 ? kMaxTileGroups : mt == 2 ? 2 : 1; }
 
 // tile[m * nh * 8 + h * 8 + r] = sum over sub-blocks [sb0, sb1) (32 values each) of x[m] . W[row]
 // for tokens m < mt and rows r of halves h0 .. h0 + nh of the group starting at `group` (which holds
