@@ -354,13 +354,13 @@ struct KRange {
     int64_t begin, end, part;
 };
 
-// Runs tile (part, first row r0) for tokens [m_begin, m_end) of M over k blocks of k_block columns and
-// hands each block's result to sink(const TileBlock&).
+// Runs tile (part, first row r0, rows_per_tile rows or the part's last ones) for tokens [m_begin, m_end)
+// of M over the k blocks (of k_block columns) of kr, and hands each block's result to sink(const TileBlock&).
 template <class Sink>
 void run_tile(const Lhs& lhs, const PackedWeight& w, const PackedPart& part, int64_t r0, int64_t M, int64_t m_begin,
-              int64_t m_end, int64_t k_block, int64_t tile_rows, KRange kr, Sink& sink) {
+              int64_t m_end, int64_t k_block, int64_t rows_per_tile, KRange kr, Sink& sink) {
     alignas(64) float tile[kMaxTileValues];
-    const int64_t rows = std::min(tile_rows, part.n_out - r0);
+    const int64_t rows = std::min(rows_per_tile, part.n_out - r0);
     const int64_t unit = k_unit(part.dtype);
     kr.end = std::min(kr.end, part.dtype == DType::BF16 ? lhs.ld_bf16 : w.n_in);  // the last block may be short
     if (is_quantized(part.dtype)) {
