@@ -344,8 +344,9 @@ void tile(const ActivationBlock* x, int64_t ldx, const std::byte* group, int64_t
 
 using TileFn = void (*)(const ActivationBlock*, int64_t, const std::byte*, int64_t, int, int64_t, int64_t, float*);
 
-// Every tile shape: 1..4 tokens x 1..(max_tile_groups(tokens) groups' units). Many tokens x few units would reread a group's interleaved chunks once per unit, which
-// left batched decode at 3x the per-token cost of prefill.
+// Every tile shape: 1..4 tokens x 1..(max_tile_groups(tokens) groups' units). Many tokens x few
+// units would reread a group's interleaved chunks once per unit, which left batched decode at 3x the
+// per-token cost of prefill.
 template <class V, DType T, int MT, int NU>
 constexpr TileFn tile_or_none() {
     constexpr int group_units = kGroup * kPanel / V::kRows;
