@@ -15,6 +15,7 @@ import sys
 from .client.connection import ClusterClient
 from .client.launch import open_ranks
 from .client.session import CHAT_DEFAULTS, Session
+from .model.files import running_size
 
 CONNECT_TIMEOUT = 120.0  # seconds for a cluster to start or its engines to register
 TOKEN_TIMEOUT = 600.0    # seconds without any progress before a reply counts as hung
@@ -40,7 +41,9 @@ def connect(model: str | None = "demo", profile: str | None = None, cluster_id: 
     each rank's Engine.
     """
     say = (lambda message: None) if quiet else (lambda message: print(f"llaisys: {message}", file=sys.stderr))
-    ranks = open_ranks(profile, cluster_id, n, connection_file=connection_file, start=start, timeout=timeout, say=say)
+    model_bytes = running_size(model, engine_options.get("weights", "auto")) if model is not None else None
+    ranks = open_ranks(profile, cluster_id, n, connection_file=connection_file, start=start, model_bytes=model_bytes,
+                       timeout=timeout, say=say)
     client = Cluster(ranks, token_timeout=token_timeout, say=say)
     try:
         client.load(model, **engine_options)

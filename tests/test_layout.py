@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from llaisys_chat.client.launch import layout
+from llaisys_chat.model.files import running_size
 
 THREADS_OF_EACH_RANK = """
 import json, sys
@@ -27,6 +28,28 @@ if group.rank == 0:
 ])
 def test_the_cores_are_split_among_the_engines(cores, asked, expected):
     assert layout(cores, asked) == expected
+
+
+@pytest.mark.parametrize("cores, asked, model_bytes, expected", [
+    (16, None, 463 * 2**20, (4, 4)), (16, None, 1066 * 2**20, (2, 8)), (16, None, None, (2, 8)),
+    (2, None, 463 * 2**20, (2, 1)), (8, None, 463 * 2**20, (2, 4)), (32, None, 463 * 2**20, (8, 4)),
+    (16, 2, 463 * 2**20, (2, 8)),
+])
+def test_a_small_model_gets_engines_of_four_threads(cores, asked, model_bytes, expected):
+    assert layout(cores, asked, model_bytes) == expected
+
+
+def test_the_size_a_model_runs_in_is_known_before_it_is_fetched(tmp_path):
+    from llaisys_chat.model.builtins import find_builtin
+    assert running_size("qwen2.5-coder:0.5b") == find_builtin("qwen2.5-coder:0.5b").size
+    assert running_size("qwen2.5-coder:0.5b", "bf16") is None  # converted: its size is not the file's
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(1000))
+    assert running_size(gguf) == 1004
+    (tmp_path / "a.safetensors").write_bytes(bytes(300))
+    (tmp_path / "b.safetensors").write_bytes(bytes(200))
+    assert running_size(tmp_path) == 500
+    assert running_size(tmp_path / "missing.gguf") is None
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores")

@@ -8,10 +8,12 @@ from .ranks import EngineRanks, pid_alive
 
 
 def open_ranks(profile: str | None = None, cluster_id: str | None = None, n: int | None = None, *,
-               connection_file: str | None = None, start: bool = True, timeout: float, say) -> EngineRanks:
+               connection_file: str | None = None, start: bool = True, model_bytes: int | None = None, timeout: float,
+               say) -> EngineRanks:
     """The ranks of the cluster picked by profile / cluster_id / connection_file (default: ipcluster's
     default profile). With none running and start=True, a local one of n MPI engines (default: the
-    layout() of this machine's cores) is started, and stopped again when the ranks are closed."""
+    layout() of this machine's cores for a model of model_bytes, where known) is started, and stopped
+    again when the ranks are closed."""
     import ipyparallel as ipp
 
     if connection_file is not None:
@@ -23,7 +25,7 @@ def open_ranks(profile: str | None = None, cluster_id: str | None = None, n: int
         if not start:
             raise LlaisysError(f"no cluster is running for profile {profile or 'default'!r}")
         cores = len(os.sched_getaffinity(0))
-        ranks, threads = layout(cores, n)
+        ranks, threads = layout(cores, n, model_bytes)
         say(f"no cluster running; starting one of {ranks} MPI engines x {threads} thread{'s' if threads > 1 else ''} on this machine's "
             f"{cores} cores" + ("" if n else " (-n N chooses the engines)"))
         cluster, owned = _start_cluster(profile, cluster_id, ranks, threads, timeout), True
@@ -40,14 +42,21 @@ def open_ranks(profile: str | None = None, cluster_id: str | None = None, n: int
         raise
 
 
-def layout(cores: int, ranks: int | None = None) -> tuple[int, int]:
+# Models whose weights, as they run, take less than this decode faster on engines of 4 threads (the
+# measured ones took 404-639 MiB; from 1011 MiB on, 8 threads were level or ahead).
+SMALL_MODEL_BYTES = 800 * 2**20
+
+
+def layout(cores: int, ranks: int | None = None, model_bytes: int | None = None) -> tuple[int, int]:
     """(engines, threads per engine) for a cluster on this machine: the cores split evenly among the
-    engines asked for; by default engines of up to 8 threads, and at least 2 engines. On a 16-core
-    machine (docs/benchmarks.md, "Layouts"), over both model shapes and three weight types, 2 x 8
-    decoded at 0.97 of the fastest layout on average, 4 x 4 at 0.95 and 16 x 1 at 0.85; on 2 cores,
-    2 x 1 and 1 x 2 are level."""
+    engines asked for; by default at least 2 engines, of up to 8 threads, or of up to 4 for a model
+    under SMALL_MODEL_BYTES. On a 16-core machine (docs/benchmarks.md, "Layouts over three
+    alternating rounds") the 0.5B shape in 8-bit and 4-bit types (404-639 MiB) decoded 1.15-1.29x
+    faster at 4 x 4 than at 2 x 8, while the 1.5B shape in q8_0 and bf16 and the 0.5B one in bf16
+    (1.2-3.3 GiB) were fastest at 2 x 8; on 2 cores, 2 x 1 and 1 x 2 are level."""
     if ranks is None:
-        ranks = max(min(2, cores), -(-cores // 8))
+        most = 4 if model_bytes is not None and model_bytes < SMALL_MODEL_BYTES else 8
+        ranks = max(min(2, cores), -(-cores // most))
     return ranks, max(1, cores // ranks)
 
 

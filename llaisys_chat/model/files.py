@@ -34,6 +34,21 @@ def resolve_model(model: str | os.PathLike) -> Path:
     raise LlaisysError(f"{path}: not a model (give a built-in name: {names}; a .gguf file or a model folder)")
 
 
+def running_size(model: str | os.PathLike, weights: str = "auto") -> int | None:
+    """Bytes of weights `model` runs in, where its files tell without reading them: a built-in (known
+    before it is downloaded) or a .gguf file in its own types, a folder's safetensors in bf16. None
+    for another weight type, or a model that is not here (say, on the engines' hosts only)."""
+    builtin = find_builtin(str(model))
+    if builtin is not None:
+        return builtin.size if weights == "auto" else None
+    path = Path(model).expanduser()
+    if path.suffix == ".gguf" and path.is_file():
+        return path.stat().st_size if weights == "auto" else None
+    if path.is_dir() and weights in ("auto", "bf16"):
+        return sum(f.stat().st_size for f in path.glob("*.safetensors")) or None
+    return None
+
+
 def gguf_folder(gguf: Path, name: str | None = None) -> Path:
     """The cached folder for `gguf`, written first if needed."""
     stat = gguf.stat()
