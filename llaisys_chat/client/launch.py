@@ -42,8 +42,8 @@ def open_ranks(profile: str | None = None, cluster_id: str | None = None, n: int
         raise
 
 
-# Models whose weights, as they run, take less than this decode faster on engines of 4 threads (the
-# measured ones took 404-639 MiB; from 1011 MiB on, 8 threads were level or ahead).
+# Models whose weights, as they run, take less than this decode as fast or faster on engines of 4
+# threads (measured: 404-639 MiB); between 1.0 and 1.2 GiB the two were within 10%, beyond, 8 ahead.
 SMALL_MODEL_BYTES = 800 * 2**20
 
 
@@ -51,9 +51,9 @@ def layout(cores: int, ranks: int | None = None, model_bytes: int | None = None)
     """(engines, threads per engine) for a cluster on this machine: the cores split evenly among the
     engines asked for; by default at least 2 engines, of up to 8 threads, or of up to 4 for a model
     under SMALL_MODEL_BYTES. On a 16-core machine (docs/benchmarks.md, "Layouts over three
-    alternating rounds") the 0.5B shape in 8-bit and 4-bit types (404-639 MiB) decoded 1.15-1.29x
-    faster at 4 x 4 than at 2 x 8, while the 1.5B shape in q8_0 and bf16 and the 0.5B one in bf16
-    (1.2-3.3 GiB) were fastest at 2 x 8; on 2 cores, 2 x 1 and 1 x 2 are level."""
+    alternating rounds") the 0.5B shape in q8_0 and q4_0 (404-639 MiB) decoded 1.15-1.29x faster
+    at 4 x 4 than at 2 x 8 and in the demo's Q4_K_M mix alike, while the 1.5B shape in q8_0 and bf16
+    (1.8-3.3 GiB) decoded 1.2x faster at 2 x 8; on 2 cores, 2 x 1 and 1 x 2 are level."""
     if ranks is None:
         most = 4 if model_bytes is not None and model_bytes < SMALL_MODEL_BYTES else 8
         ranks = max(min(2, cores), -(-cores // most))
