@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from llaisys_chat.client.launch import layout
@@ -39,16 +40,29 @@ def test_a_small_model_gets_engines_of_four_threads(cores, asked, model_bytes, e
     assert layout(cores, asked, model_bytes) == expected
 
 
-def test_the_size_a_model_runs_in_is_known_before_it_is_fetched(tmp_path):
+def test_the_size_a_model_runs_in_is_known_before_it_is_fetched():
     from llaisys_chat.model.builtins import find_builtin
-    assert running_size("qwen2.5-coder:0.5b") == find_builtin("qwen2.5-coder:0.5b").size
-    assert running_size("qwen2.5-coder:0.5b", "bf16") is None  # converted: its size is not the file's
-    gguf = tmp_path / "m.gguf"
-    gguf.write_bytes(b"GGUF" + bytes(1000))
-    assert running_size(gguf) == 1004
-    (tmp_path / "a.safetensors").write_bytes(bytes(300))
-    (tmp_path / "b.safetensors").write_bytes(bytes(200))
-    assert running_size(tmp_path) == 500
+    demo = find_builtin("qwen2.5-coder:0.5b")
+    assert running_size("qwen2.5-coder:0.5b") == demo.size
+    assert running_size("demo", "q4_0") == round(demo.values * 18 / 32)  # 354 MB: engines of 4 threads
+    assert running_size("demo", "bf16") == demo.values * 2               # 1.26 GB: of 8
+    assert running_size("demo", "q5_k") is None
+
+
+def test_the_size_of_a_file_comes_from_its_headers(tmp_path):
+    from safetensors.numpy import save_file
+
+    from llaisys_chat.model.builtins import builtin_gguf, find_builtin
+    demo = find_builtin("qwen2.5-coder:0.5b")
+    assert running_size(builtin_gguf(demo), "q8_0") == round(demo.values * 34 / 32)
+    assert running_size(builtin_gguf(demo)) == demo.size
+    save_file({"a": np.zeros((3, 4), np.float32), "b": np.zeros(5, np.float32)}, str(tmp_path / "model.safetensors"))
+    assert running_size(tmp_path) == 17 * 2  # safetensors run in bf16 under auto
+    assert running_size(tmp_path, "f32") == 17 * 4
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + bytes(100))
+    assert running_size(broken) == 104
+    assert running_size(broken, "q4_0") is None  # unreadable: the load will say why
     assert running_size(tmp_path / "missing.gguf") is None
 
 

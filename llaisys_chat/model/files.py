@@ -2,6 +2,7 @@
 model folder. A GGUF becomes a small cached folder (gguf_metadata.py) under $LLAISYS_HOME (default
 ~/.cache/llaisys-chat) that links the file itself: its tensors are read in place."""
 import hashlib
+import math
 import os
 import sys
 from pathlib import Path
@@ -9,7 +10,8 @@ from pathlib import Path
 from ..errors import LlaisysError
 from .builtins import BUILTINS, builtin_gguf, find_builtin
 from .cache import cache_home, exclusive, staging_dir
-from .checkpoint import GGUF_FILE
+from .checkpoint import GGUF_FILE, Checkpoint
+from .gguf_file import GGUFFile
 from .gguf_metadata import write_gguf_folder
 
 
@@ -34,19 +36,37 @@ def resolve_model(model: str | os.PathLike) -> Path:
     raise LlaisysError(f"{path}: not a model (give a built-in name: {names}; a .gguf file or a model folder)")
 
 
+# Bytes a weight value takes in each type the engine converts to (quantized: block scales included).
+_VALUE_BYTES = {"bf16": 2, "f32": 4, "q8_0": 34 / 32, "q4_0": 18 / 32}
+
+
 def running_size(model: str | os.PathLike, weights: str = "auto") -> int | None:
-    """Bytes of weights `model` runs in, where its files tell without reading them: a built-in (known
-    before it is downloaded) or a .gguf file in its own types, a folder's safetensors in bf16. None
-    for another weight type, or a model that is not here (say, on the engines' hosts only)."""
+    """Bytes of weights `model` runs in, told by its files' headers without reading the weights: a GGUF
+    in its own types is its file's size; in another type (or safetensors, bf16 under auto) its values
+    times that type's bytes a value. A built-in is known before it is fetched. None where it cannot be
+    told here: a model on the engines' hosts only, or an unreadable one (loading it says why)."""
+    per_value = _VALUE_BYTES.get("bf16" if weights == "auto" else weights)
     builtin = find_builtin(str(model))
     if builtin is not None:
-        return builtin.size if weights == "auto" else None
+        if weights == "auto":
+            return builtin.size
+        return None if per_value is None else round(builtin.values * per_value)
     path = Path(model).expanduser()
-    if path.suffix == ".gguf" and path.is_file():
-        return path.stat().st_size if weights == "auto" else None
-    if path.is_dir() and weights in ("auto", "bf16"):
-        return sum(f.stat().st_size for f in path.glob("*.safetensors")) or None
-    return None
+    try:
+        if path.suffix == ".gguf" and path.is_file():
+            if weights == "auto":
+                return path.stat().st_size
+            values = sum(math.prod(t.shape) for t in GGUFFile(path).tensors.values())
+        elif path.is_dir():
+            checkpoint = Checkpoint(path)
+            if checkpoint.is_gguf and weights == "auto":
+                return (path / GGUF_FILE).stat().st_size
+            values = checkpoint.values()
+        else:
+            return None
+    except (LlaisysError, OSError):
+        return None
+    return None if per_value is None else round(values * per_value)
 
 
 def gguf_folder(gguf: Path, name: str | None = None) -> Path:
