@@ -41,7 +41,8 @@ def connect(model: str | None = "demo", profile: str | None = None, cluster_id: 
     each rank's Engine.
     """
     say = (lambda message: None) if quiet else (lambda message: print(f"llaisys: {message}", file=sys.stderr))
-    model_bytes = running_size(model, engine_options.get("weights", "auto")) if model is not None else None
+    weights = engine_options.get("weights", "auto")
+    model_bytes = (lambda: running_size(model, weights)) if model is not None else None
     ranks = open_ranks(profile, cluster_id, n, connection_file=connection_file, start=start, model_bytes=model_bytes,
                        timeout=timeout, say=say)
     client = Cluster(ranks, token_timeout=token_timeout, say=say)

@@ -1,6 +1,7 @@
 """Finding the running ipyparallel cluster, or starting a local one whose engines are MPI ranks."""
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import LlaisysError
@@ -8,12 +9,12 @@ from .ranks import EngineRanks, pid_alive
 
 
 def open_ranks(profile: str | None = None, cluster_id: str | None = None, n: int | None = None, *,
-               connection_file: str | None = None, start: bool = True, model_bytes: int | None = None, timeout: float,
-               say) -> EngineRanks:
+               connection_file: str | None = None, start: bool = True,
+               model_bytes: Callable[[], int | None] | None = None, timeout: float, say) -> EngineRanks:
     """The ranks of the cluster picked by profile / cluster_id / connection_file (default: ipcluster's
     default profile). With none running and start=True, a local one of n MPI engines (default: the
-    layout() of this machine's cores for a model of model_bytes, where known) is started, and stopped
-    again when the ranks are closed."""
+    layout() of this machine's cores for a model of model_bytes(), asked only then) is started, and
+    stopped again when the ranks are closed."""
     import ipyparallel as ipp
 
     if connection_file is not None:
@@ -25,7 +26,7 @@ def open_ranks(profile: str | None = None, cluster_id: str | None = None, n: int
         if not start:
             raise LlaisysError(f"no cluster is running for profile {profile or 'default'!r}")
         cores = len(os.sched_getaffinity(0))
-        ranks, threads = layout(cores, n, model_bytes)
+        ranks, threads = layout(cores, n, model_bytes() if model_bytes and n is None else None)
         say(f"no cluster running; starting one of {ranks} MPI engines x {threads} thread{'s' if threads > 1 else ''} on this machine's "
             f"{cores} cores" + ("" if n else " (-n N chooses the engines)"))
         cluster, owned = _start_cluster(profile, cluster_id, ranks, threads, timeout), True
