@@ -59,15 +59,17 @@ std::string amx_tiles();
 constexpr double kFixedOne = 4294967296.0;  // 2^32
 void linear_fixed(Tensor& out /*[M, n_out] i64, accumulated*/, const Tensor& x /*[M, n_in]*/,
                   const PackedWeight& w, int64_t k_block);
-void from_fixed(Tensor& out /*[...] f32*/, const Tensor& in /*[...] i64*/);
+// x += in converted from fixed point (each value rounded to f32, then added).
+void add_fixed(Tensor& x /*[...] f32*/, const Tensor& in /*[...] i64*/);
 
 // out = x / sqrt(mean(x^2) + eps) * weight, over the last dimension.
 void rms_norm(Tensor& out, const Tensor& x, const Tensor& weight, float eps);
 
 // Rotary embedding, NeoX layout (the two halves of each head rotate together), in f32:
-// angle(p, i) = positions[p] * theta^(-2i / head_dim).
-void rope(Tensor& out /*[M, H, head_dim]*/, const Tensor& x /*[M, H, head_dim]*/,
-          const Tensor& positions /*[M] i64*/, float theta);
+// angle(p, i) = positions[p] * theta^(-2i / head_dim). rope_angles() gives each position's cosines
+// then sines, computed once per step for every layer and head.
+void rope_angles(Tensor& out /*[M, head_dim] f32*/, const Tensor& positions /*[M] i64*/, float theta);
+void rope(Tensor& out /*[M, H, head_dim]*/, const Tensor& x /*[M, H, head_dim]*/, const Tensor& angles /*[M, head_dim]*/);
 
 // Causal grouped-query attention of M new queries at positions n_past .. n_past+M-1 against a
 // cache that already holds their keys and values. Query head h reads cache head kv_head_of[h].

@@ -194,8 +194,9 @@ void Qwen2::drop_from_cache(KVCache& cache, int64_t begin, int64_t end) const {
     const int64_t n = static_cast<int64_t>(cache.tokens.size()), moved = n - end, hd = config_.head_dim;
     LLAISYS_CHECK(0 <= begin && begin <= end && end <= n, "drop_from_cache: positions out of range");
     if (begin == end) return;
-    Tensor shift = Tensor::empty({moved}, DType::I64);
+    Tensor shift = Tensor::empty({moved}, DType::I64), angles = Tensor::empty({moved, hd}, DType::F32);
     for (int64_t i = 0; i < moved; ++i) shift.data<int64_t>()[i] = begin - end;
+    ops::rope_angles(angles, shift, config_.rope_theta);
     for (size_t l = 0; l < cache.k.size(); ++l) {
         for (Tensor* t : {&cache.k[l], &cache.v[l]}) {
             for (int64_t h = 0; h < t->size(0); ++h) {
@@ -206,7 +207,7 @@ void Qwen2::drop_from_cache(KVCache& cache, int64_t begin, int64_t end) const {
                     Tensor keys = head.slice(1, begin, begin + moved);  // as [moved, 1 head, hd] for rope
                     keys.shape = {moved, 1, hd};
                     keys.strides = {hd, hd, 1};
-                    ops::rope(keys, keys, shift, config_.rope_theta);
+                    ops::rope(keys, keys, angles);
                 }
             }
         }
@@ -239,11 +240,12 @@ Qwen2::Workspace& Qwen2::workspace(int64_t M) {
         ws_.act = Tensor::empty({kChunkTokens, F_l}, DType::F32);
         ws_.ids = Tensor::empty({kChunkTokens}, DType::I32);
         ws_.positions = Tensor::empty({kChunkTokens}, DType::I64);
+        ws_.angles = Tensor::empty({kChunkTokens, hd}, DType::F32);
     }
     // Views of the first M rows of each buffer.
     current_ = {ws_.x.slice(0, 0, M), ws_.h.slice(0, 0, M), ws_.partial.slice(0, 0, M), ws_.fixed.slice(0, 0, M),
                 ws_.qkv.slice(0, 0, M), ws_.attn.slice(0, 0, M), ws_.gate_up.slice(0, 0, M), ws_.act.slice(0, 0, M),
-                ws_.ids.slice(0, 0, M), ws_.positions.slice(0, 0, M)};
+                ws_.ids.slice(0, 0, M), ws_.positions.slice(0, 0, M), ws_.angles.slice(0, 0, M)};
     return current_;
 }
 
@@ -253,12 +255,12 @@ void Qwen2::add_reduced_projection(Workspace& ws, const Tensor& in, const ops::P
         std::memset(ws.fixed.base, 0, ws.fixed.nbytes());
         ops::linear_fixed(ws.fixed, in, w, k_block);
         if (all_reduce_) all_reduce_(ws.fixed);
-        ops::from_fixed(ws.partial, ws.fixed);
+        ops::add_fixed(ws.x, ws.fixed);
     } else {
         ops::linear(ws.partial, in, w, nullptr);
         if (all_reduce_) all_reduce_(ws.partial);
+        ops::add(ws.x, ws.x, ws.partial);
     }
-    ops::add(ws.x, ws.x, ws.partial);
 }
 
 void Qwen2::attention_block(Workspace& ws, const Qwen2Layer& layer, const std::vector<Segment>& segments,
@@ -271,8 +273,8 @@ void Qwen2::attention_block(Workspace& ws, const Qwen2Layer& layer, const std::v
     Tensor q = heads_view(ws.qkv, 0, H_l, hd);
     Tensor k = heads_view(ws.qkv, H_l * hd, KV_l, hd);
     Tensor v = heads_view(ws.qkv, (H_l + KV_l) * hd, KV_l, hd);
-    ops::rope(q, q, ws.positions, config_.rope_theta);
-    ops::rope(k, k, ws.positions, config_.rope_theta);
+    ops::rope(q, q, ws.angles);
+    ops::rope(k, k, ws.angles);
 
     for (const Segment& s : segments) {
         KVCache& cache = *s.cache;
@@ -308,6 +310,7 @@ void Qwen2::check_cache(const KVCache& cache, int64_t new_tokens) const {
 void Qwen2::run_chunk(Workspace& ws, const std::vector<Segment>& segments) {
     for (const Segment& s : segments)
         for (int64_t m = 0; m < s.rows; ++m) ws.positions.data<int64_t>()[s.row + m] = s.n_past + m;
+    ops::rope_angles(ws.angles, ws.positions, config_.rope_theta);
     // The embedding table is vocab-parallel: the one rank holding a token's row contributes it
     // and the others add zeros, so this f32 sum is exact for any rank count.
     ops::embedding(ws.x, ws.ids, embed_tokens, shard_.vocab_begin);

@@ -123,6 +123,7 @@ class Qwen2 {
         Tensor act;      // [M, F_l]
         Tensor ids;      // [M] i32
         Tensor positions;  // [M] i64
+        Tensor angles;     // [M, head_dim] rotary cosines and sines of the positions
     };
     // Rows [row, row + rows) of a chunk continue one sequence, whose cache holds n_past tokens.
     struct Segment {

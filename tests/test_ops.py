@@ -87,7 +87,7 @@ def test_linear_fixed_is_exact_over_any_split(pack, M, K, N, block):
             _native.linear_fixed(parts, np.ascontiguousarray(x[:, cols]), _native.pack_weight(np.ascontiguousarray(w[:, cols]), pack), block)
         assert np.array_equal(parts, whole)
     result = np.zeros((M, N), np.float32)
-    _native.from_fixed(result, whole)
+    _native.add_fixed(result, whole)
     rounded = (lambda a: values(to_bf16_bits(a))) if pack == _native.DType.BF16 else values
     expected = rounded(x) @ rounded(w).T
     assert np.abs(result - expected).max() < 1e-4 * np.sqrt(K)
@@ -114,7 +114,9 @@ def test_rope(dtype, M, H, d, theta):
     x = stored(rng(d).standard_normal((M, H, d)).astype(np.float32), dtype)
     positions = np.array([0, 1, 7, 100, 5000, 3, 2, 9, 1000][:M], np.int64)
     out = empty((M, H, d), dtype)
-    _native.rope(out, x, positions, theta)
+    angles = np.empty((M, d), np.float32)
+    _native.rope_angles(angles, positions, theta)
+    _native.rope(out, x, angles)
     # Large positions amplify f32 angle rounding (the engine follows transformers' f32 math).
     assert_close(out, rope(values(x), positions.astype(np.float64), theta), dtype, scale=1e2 if dtype == "f32" else None)
 

@@ -607,14 +607,14 @@ void linear_fixed(Tensor& out, const Tensor& x, const PackedWeight& w, int64_t k
         }
 }
 
-void from_fixed(Tensor& out, const Tensor& in) {
-    LLAISYS_CHECK(out.dtype == DType::F32 && in.dtype == DType::I64, "from_fixed: i64 in, f32 out");
-    LLAISYS_CHECK(out.is_contiguous() && in.is_contiguous() && out.numel() == in.numel(), "from_fixed: shapes differ");
+void add_fixed(Tensor& x, const Tensor& in) {
+    LLAISYS_CHECK(x.dtype == DType::F32 && in.dtype == DType::I64, "add_fixed: f32 x, i64 in");
+    LLAISYS_CHECK(x.is_contiguous() && in.is_contiguous() && x.numel() == in.numel(), "add_fixed: shapes differ");
     const int64_t* src = in.data<int64_t>();
-    float* dst = out.data<float>();
+    float* dst = x.data<float>();
     const int64_t n = in.numel();
 #pragma omp parallel for schedule(static) if (n >= kParallelRows * 1024)
-    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(static_cast<double>(src[i]) / kFixedOne);
+    for (int64_t i = 0; i < n; ++i) dst[i] += static_cast<float>(static_cast<double>(src[i]) / kFixedOne);
 }
 
 }  // namespace llaisys::ops
