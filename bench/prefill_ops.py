@@ -56,7 +56,8 @@ def layer_times(shape: str, weights: str, M: int, rounds: int) -> dict[str, floa
     attn, partial = np.empty((M, H, HEAD_DIM), np.float32), np.empty_like(x)
     fixed = np.zeros((M, D), np.int64)
     gate_up, act = np.empty((M, 2 * F), np.float32), np.empty((M, F), np.float32)
-    positions = np.arange(M, dtype=np.int64)
+    angles = np.empty((M, HEAD_DIM), np.float32)  # once a step, for every layer
+    native.rope_angles(angles, np.arange(M, dtype=np.int64), 1e6)
     q = qkv[:, :H * HEAD_DIM].reshape(M, H, HEAD_DIM)
     k = qkv[:, H * HEAD_DIM:(H + KV) * HEAD_DIM].reshape(M, KV, HEAD_DIM)
     k_cache = rng.standard_normal((KV, M, HEAD_DIM), dtype=np.float32)
@@ -67,12 +68,12 @@ def layer_times(shape: str, weights: str, M: int, rounds: int) -> dict[str, floa
     def fixed_projection(inp, w):
         fixed[:] = 0
         native.linear_fixed(fixed, inp, w, FIXED_BLOCK)
-        native.from_fixed(partial, fixed)
+        native.add_fixed(partial, fixed)  # the engine adds into the residual stream
 
     ops = {
         "rms_norm": lambda: native.rms_norm(h, x, norm_w, 1e-6),
         "qkv_proj": lambda: native.linear(qkv, h, qkv_w, bias),
-        "rope q, k": lambda: (native.rope(q, q, positions, 1e6), native.rope(k, k, positions, 1e6)),
+        "rope q, k": lambda: (native.rope(q, q, angles), native.rope(k, k, angles)),
         "attention": lambda: native.self_attention(attn, q, k_cache, v_cache, heads, 0, HEAD_DIM ** -0.5),
         "o_proj exact": lambda: fixed_projection(attn_in, o_w),
         "o_proj fast": lambda: native.linear(partial, attn_in, o_w, None),
