@@ -68,7 +68,7 @@ def layer_times(shape: str, weights: str, M: int, rounds: int) -> dict[str, floa
     def fixed_projection(inp, w):
         fixed[:] = 0
         native.linear_fixed(fixed, inp, w, FIXED_BLOCK)
-        native.add_fixed(partial, fixed)  # the engine adds into the residual stream
+        native.add_from_fixed(partial, fixed)  # the engine adds into the residual stream
 
     ops = {
         "rms_norm": lambda: native.rms_norm(h, x, norm_w, 1e-6),

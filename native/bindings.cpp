@@ -206,7 +206,7 @@ PYBIND11_MODULE(_native, m) {
         ops::linear(out, x, w, bias ? &*bias : nullptr);
     }, py::arg("out"), py::arg("x"), py::arg("w"), py::arg("bias") = py::none());
     m.def("linear_fixed", &ops::linear_fixed);
-    m.def("add_fixed", &ops::add_fixed);
+    m.def("add_from_fixed", &ops::add_from_fixed);
     m.def("rms_norm", &ops::rms_norm);
     m.def("rope_angles", &ops::rope_angles);
     m.def("rope", &ops::rope);

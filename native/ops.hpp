@@ -60,7 +60,7 @@ constexpr double kFixedOne = 4294967296.0;  // 2^32
 void linear_fixed(Tensor& out /*[M, n_out] i64, accumulated*/, const Tensor& x /*[M, n_in]*/,
                   const PackedWeight& w, int64_t k_block);
 // x += in converted from fixed point (each value rounded to f32, then added).
-void add_fixed(Tensor& x /*[...] f32*/, const Tensor& in /*[...] i64*/);
+void add_from_fixed(Tensor& x /*[...] f32*/, const Tensor& in /*[...] i64*/);
 
 // out = x / sqrt(mean(x^2) + eps) * weight, over the last dimension.
 void rms_norm(Tensor& out, const Tensor& x, const Tensor& weight, float eps);

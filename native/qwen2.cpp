@@ -255,7 +255,7 @@ void Qwen2::add_reduced_projection(Workspace& ws, const Tensor& in, const ops::P
         std::memset(ws.fixed.base, 0, ws.fixed.nbytes());
         ops::linear_fixed(ws.fixed, in, w, k_block);
         if (all_reduce_) all_reduce_(ws.fixed);
-        ops::add_fixed(ws.x, ws.fixed);
+        ops::add_from_fixed(ws.x, ws.fixed);
     } else {
         ops::linear(ws.partial, in, w, nullptr);
         if (all_reduce_) all_reduce_(ws.partial);

@@ -87,7 +87,7 @@ def test_linear_fixed_is_exact_over_any_split(pack, M, K, N, block):
             _native.linear_fixed(parts, np.ascontiguousarray(x[:, cols]), _native.pack_weight(np.ascontiguousarray(w[:, cols]), pack), block)
         assert np.array_equal(parts, whole)
     result = np.zeros((M, N), np.float32)
-    _native.add_fixed(result, whole)
+    _native.add_from_fixed(result, whole)
     rounded = (lambda a: values(to_bf16_bits(a))) if pack == _native.DType.BF16 else values
     expected = rounded(x) @ rounded(w).T
     assert np.abs(result - expected).max() < 1e-4 * np.sqrt(K)

@@ -607,9 +607,9 @@ void linear_fixed(Tensor& out, const Tensor& x, const PackedWeight& w, int64_t k
         }
 }
 
-void add_fixed(Tensor& x, const Tensor& in) {
-    LLAISYS_CHECK(x.dtype == DType::F32 && in.dtype == DType::I64, "add_fixed: f32 x, i64 in");
-    LLAISYS_CHECK(x.is_contiguous() && in.is_contiguous() && x.numel() == in.numel(), "add_fixed: shapes differ");
+void add_from_fixed(Tensor& x, const Tensor& in) {
+    LLAISYS_CHECK(x.dtype == DType::F32 && in.dtype == DType::I64, "add_from_fixed: f32 x, i64 in");
+    LLAISYS_CHECK(x.is_contiguous() && in.is_contiguous() && x.numel() == in.numel(), "add_from_fixed: shapes differ");
     const int64_t* src = in.data<int64_t>();
     float* dst = x.data<float>();
     const int64_t n = in.numel();
