@@ -24,7 +24,7 @@ if group.rank == 0:
 
 
 @pytest.mark.parametrize("cores, asked, expected", [
-    (1, None, (1, 1)), (2, None, (2, 1)), (4, None, (2, 2)), (16, None, (2, 8)), (24, None, (3, 8)),
+    (1, None, (1, 1)), (2, None, (1, 2)), (3, None, (1, 3)), (4, None, (2, 2)), (16, None, (2, 8)), (24, None, (3, 8)),
     (64, None, (8, 8)), (16, 4, (4, 4)), (16, 16, (16, 1)), (2, 4, (4, 1)),
 ])
 def test_the_cores_are_split_among_the_engines(cores, asked, expected):
@@ -33,7 +33,7 @@ def test_the_cores_are_split_among_the_engines(cores, asked, expected):
 
 @pytest.mark.parametrize("cores, asked, model_bytes, expected", [
     (16, None, 463 * 2**20, (4, 4)), (16, None, 1066 * 2**20, (2, 8)), (16, None, None, (2, 8)),
-    (2, None, 463 * 2**20, (2, 1)), (8, None, 463 * 2**20, (2, 4)), (32, None, 463 * 2**20, (8, 4)),
+    (2, None, 463 * 2**20, (1, 2)), (8, None, 463 * 2**20, (2, 4)), (32, None, 463 * 2**20, (8, 4)),
     (16, 2, 463 * 2**20, (2, 8)),
 ])
 def test_a_small_model_gets_engines_of_four_threads(cores, asked, model_bytes, expected):

@@ -14,6 +14,7 @@ from ..protocol.messages import build_messages
 from ..protocol.request import MAX_NEW_TOKENS, ReplyRequest, check_context_policy
 from ..protocol.sampling import SamplingParams
 from .batched_replies import BatchedReplies
+from .ranks import counted
 from .reply_stream import ReplyStream
 from .stream_link import StreamLink
 
@@ -47,7 +48,7 @@ class ClusterClient:
             if self._ranks.local:
                 # Download/convert here, where progress shows; the engines then find the files ready.
                 resolve_model(model)
-            self._say(f"loading {model} on {self.n_ranks} ranks...")
+            self._say(f"loading {model} on {counted(self.n_ranks, 'rank')}...")
         results = self._on_ranks("load", spec, timeout=LOAD_TIMEOUT)
         self.spec = spec
         if results[0]["loaded_now"]:

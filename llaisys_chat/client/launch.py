@@ -5,7 +5,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import LlaisysError
-from .ranks import EngineRanks, pid_alive
+from .ranks import EngineRanks, counted, pid_alive
 
 
 def open_ranks(profile: str | None = None, cluster_id: str | None = None, n: int | None = None, *,
@@ -27,7 +27,7 @@ def open_ranks(profile: str | None = None, cluster_id: str | None = None, n: int
             raise LlaisysError(f"no cluster is running for profile {profile or 'default'!r}")
         cores = len(os.sched_getaffinity(0))
         ranks, threads = layout(cores, n, model_bytes() if model_bytes and n is None else None)
-        say(f"no cluster running; starting one of {ranks} MPI engines x {threads} thread{'s' if threads > 1 else ''} on this machine's "
+        say(f"no cluster running; starting one of {counted(ranks, 'MPI engine')} x {counted(threads, 'thread')} on this machine's "
             f"{cores} cores" + ("" if n else " (-n N chooses the engines)"))
         cluster, owned = _start_cluster(profile, cluster_id, ranks, threads, timeout), True
     try:
@@ -50,14 +50,16 @@ SMALL_MODEL_BYTES = 800 * 2**20
 
 def layout(cores: int, ranks: int | None = None, model_bytes: int | None = None) -> tuple[int, int]:
     """(engines, threads per engine) for a cluster on this machine: the cores split evenly among the
-    engines asked for; by default at least 2 engines, of up to 8 threads, or of up to 4 for a model
-    under SMALL_MODEL_BYTES. On a 16-core machine (docs/benchmarks.md, "Layouts over three
-    alternating rounds") the 0.5B shape in q8_0 and q4_0 (404-639 MiB) decoded 1.15-1.29x faster
-    at 4 x 4 than at 2 x 8 and in the demo's Q4_K_M mix alike, while the 1.5B shape in q8_0 and bf16
-    (1.8-3.3 GiB) decoded 1.2x faster at 2 x 8; on 2 cores, 2 x 1 and 1 x 2 are level."""
+    engines asked for; by default engines of up to 8 threads, or of up to 4 for a model under
+    SMALL_MODEL_BYTES, and at least 2 engines where each can have 2 cores. On a 16-core machine
+    (docs/benchmarks.md, "Layouts over three alternating rounds") the 0.5B shape in q8_0 and q4_0
+    (404-639 MiB) decoded 1.15-1.29x faster at 4 x 4 than at 2 x 8 and in the demo's Q4_K_M mix alike,
+    while the 1.5B shape in q8_0 and bf16 (1.8-3.3 GiB) decoded 1.2x faster at 2 x 8, and engines of 1
+    thread (16 x 1) were the slowest. On 2 cores one engine of 2 threads decodes 1.03-1.05x and
+    prefills 1.08-1.12x as fast as 2 x 1, both built-in models ("One engine on 2 cores")."""
     if ranks is None:
         most = 4 if model_bytes is not None and model_bytes < SMALL_MODEL_BYTES else 8
-        ranks = max(min(2, cores), -(-cores // most))
+        ranks = max(min(2, cores // 2), -(-cores // most))
     return ranks, max(1, cores // ranks)
 
 

@@ -28,6 +28,11 @@ RESTARTS_NEXT = "the engines restart with the next request (or restart())"
 CONTROLLER_GONE = "stop what is left of the cluster (ipcluster stop) and connect again, which starts a new one"
 
 
+def counted(n: int, noun: str) -> str:
+    """'1 rank', '2 ranks': for the messages that count engines, ranks and threads."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def call_worker(function: str, *args):
     """Runs on an engine: the worker's `function(*args)`."""
     return getattr(importlib.import_module(WORKER_MODULE), function)(*args)

@@ -17,6 +17,7 @@ from IPython.core.magic_arguments import MagicArgumentParser
 from IPython.display import Markdown, clear_output, display
 
 from .. import cluster
+from ..client.ranks import counted
 from ..errors import LlaisysError
 from ..protocol.messages import reply_markdown
 from .commands import Commands
@@ -159,12 +160,12 @@ class LlaisysMagics(Magics):
         if words[:1] == ["connect"]:
             client = self.chat.connect(**cluster_options(CONNECT_PARSER.parse_args(words[1:])))
             info = client.info()
-            print(f"Connected: {info['model']} on {info['ranks']} ranks, {info['max_context']} tokens of context")
+            print(f"Connected: {info['model']} on {counted(info['ranks'], 'rank')}, {info['max_context']} tokens of context")
             return
         client = self.chat.ensure_client()
         if words[:1] == ["model"] and len(words) == 2:
             client.load(words[1])
-            print(f"Loaded {words[1]} on {client.n_ranks} ranks")
+            print(f"Loaded {words[1]} on {counted(client.n_ranks, 'rank')}")
             return
         args, command = SESSION_PARSER.parse_known_args(words)
         if not command:

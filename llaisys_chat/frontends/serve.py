@@ -25,6 +25,7 @@ import time
 import uuid
 
 from .. import cluster
+from ..client.ranks import counted
 from ..errors import EnginesDown, LlaisysError
 from ..model.builtins import BUILTINS, find_builtin
 from .options import add_cluster_options, add_version_option, cluster_options
@@ -320,7 +321,7 @@ def main(argv) -> int:
         return 1
     try:
         server = Server(client, client.spec["model"], args.api_key)
-        print(f"llaisys-chat serve: {server.model} on {client.n_ranks} ranks at http://{args.host}:{args.port}/v1",
+        print(f"llaisys-chat serve: {server.model} on {counted(client.n_ranks, 'rank')} at http://{args.host}:{args.port}/v1",
               file=sys.stderr, flush=True)
         uvicorn.run(build_app(server), host=args.host, port=args.port, log_level="warning")
         return 0
