@@ -71,7 +71,8 @@ def test_linear(dtype, pack, M, K, N):
 
 
 @pytest.mark.parametrize("pack", [_native.DType.BF16, _native.DType.F32], ids=["bf16", "f32"])
-@pytest.mark.parametrize("M,K,N,block", [(1, 64, 48, 16), (5, 128, 33, 32), (12, 96, 20, 8), (40, 192, 70, 64)])
+# (2, 512, 70, 16): enough k blocks (32) for linear_fixed to cut a decode tile in k itself.
+@pytest.mark.parametrize("M,K,N,block", [(1, 64, 48, 16), (5, 128, 33, 32), (12, 96, 20, 8), (40, 192, 70, 64), (2, 512, 70, 16)])
 def test_linear_fixed_is_exact_over_any_split(pack, M, K, N, block):
     r = rng(K)
     x = r.standard_normal((M, K)).astype(np.float32)
