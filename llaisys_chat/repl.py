@@ -20,6 +20,7 @@ from prompt_toolkit.styles import Style, merge_styles, style_from_pygments_cls
 from pygments.styles import get_style_by_name
 
 from . import cluster
+from .client.ranks import counted
 from .errors import LlaisysError
 from .frontends.commands import CommandCompleter, Commands
 from .frontends.options import (
@@ -69,7 +70,7 @@ class Repl:
 
     def run(self) -> None:
         """Chat until /quit or Ctrl-D."""
-        self._say(f"llaisys-chat · {self._model_name()} · {self.info['ranks']} ranks · "
+        self._say(f"llaisys-chat · {self._model_name()} · {counted(self.info['ranks'], 'rank')} · "
                   f"{self.info['max_context']}-token context · /help for help, Ctrl-D to quit", "class:info")
         while True:
             try:
@@ -145,7 +146,7 @@ class Repl:
 
     def _toolbar(self):
         speed = f" · {self.last_speed:.1f} tok/s" if self.last_speed else ""
-        return HTML(f" {self._model_name()} · {self.info['ranks']} ranks · "
+        return HTML(f" {self._model_name()} · {counted(self.info['ranks'], 'rank')} · "
                     f"{self.commands.context_used()}/{self.info['max_context']} tokens{speed} · /help ")
 
     def _model_name(self) -> str:

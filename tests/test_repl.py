@@ -13,6 +13,7 @@ from prompt_toolkit.history import InMemoryHistory
 from prompt_toolkit.input import create_pipe_input
 from prompt_toolkit.output.plain_text import PlainTextOutput
 
+from llaisys_chat.client.ranks import counted
 from llaisys_chat.frontends.commands import CommandCompleter, Commands
 from llaisys_chat.repl import Repl
 
@@ -44,6 +45,13 @@ def test_banner_reply_and_stats(client):
     assert "4" in session.messages[1]["content"]
     assert session.messages[1]["content"][:20] in printed
     assert "tokens (stop); prompt" in printed and "decode" in printed
+
+
+def test_counts_in_messages_read_as_words():
+    """The banner, the status line and the start-up messages count ranks (a 2-core machine starts 1)."""
+    assert counted(1, "rank") == "1 rank"
+    assert counted(2, "MPI engine") == "2 MPI engines"
+    assert counted(0, "thread") == "0 threads"
 
 
 def test_multi_turn_undo_retry_and_reset(client):
