@@ -29,7 +29,7 @@ CONTROLLER_GONE = "stop what is left of the cluster (ipcluster stop) and connect
 
 
 def counted(n: int, noun: str) -> str:
-    """'1 rank', '2 ranks': for the messages that count engines, ranks and threads."""
+    """'1 rank', '2 ranks': for the messages that count things (ranks, engines, threads, dropped messages)."""
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 

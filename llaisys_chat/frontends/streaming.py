@@ -1,5 +1,6 @@
 """Streaming a reply to wherever a front end shows it, with Ctrl-C (or a notebook's stop button) as
 the way to stop it."""
+from ..client.ranks import counted
 
 
 def stream_reply(stream, show) -> bool:
@@ -21,4 +22,4 @@ def context_notice(reply) -> str | None:
     n = reply.stats.dropped_messages if reply is not None else 0
     if not n:
         return None
-    return f"(dropped {n} earlier message{'s' if n > 1 else ''} to fit the {reply.stats.max_context}-token context)"
+    return f"(dropped {counted(n, 'earlier message')} to fit the {reply.stats.max_context}-token context)"
