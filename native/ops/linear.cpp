@@ -40,7 +40,8 @@ constexpr bool quantized_tiles_fit() {
 }
 static_assert(quantized_tiles_fit(), "every quantized tile must fit the tile buffer");
 constexpr int64_t kFewTokens = 16;  // up to this many tokens, quantized tiles span a whole group or more
-// Units of work per thread that let the threads finish a product together, by stealing.
+// Tiles per thread below which linear_fixed also cuts k (fixed_k_parts), so that the threads can
+// finish a product together by stealing.
 constexpr int64_t kUnitsPerThread = 4;
 static_assert(kGroup % kTilePanelsDecode == 0 && kGroup % kTilePanelsPrefill == 0, "tiles must not straddle groups");
 // Software prefetch distance, in k steps ahead of the tile's loads (measured: 8 to 64 do alike).
@@ -309,24 +310,23 @@ void fill_lhs(const Lhs& lhs, const Tensor& x, int64_t n_in, int64_t item, std::
     }
 }
 
-// How a part is cut into tiles for `threads` threads: each tile is `rows` output rows (a whole number
-// of 8-row halves for quantized parts, of 16-row panels for float ones) for all tokens.
-int64_t tile_rows(const PackedPart& part, int64_t M, int threads) {
-    // A few tokens (decode, batched decode) stream each group once; one or two tokens read two groups
-    // side by side, one token four while that leaves each thread kUnitsPerThread tiles (2-core
-    // machine: Q4_0 decode +6-8% for two groups, +4-5% more for four; Q8_0 +3-5% for four). Many
-    // tokens take one register of rows at a time (a half, or a panel with 512-bit VNNI), which their
-    // reuse keeps in L1, or with AMX the two panels of a prompt tile.
+// Output rows of one unit of work: a whole number of 8-row halves for quantized parts, of 16-row
+// panels for float ones. A few tokens (decode, batched decode) stream their quantized weights a
+// group (64 rows) at a time; many tokens take one register of rows at a time (a half, or a panel with
+// 512-bit VNNI), which their reuse keeps in L1, or with AMX the two panels of a prompt tile.
+int64_t unit_rows(const PackedPart& part, int64_t M) {
     if (is_quantized(part.dtype)) {
-        if (M <= kFewTokens) {
-            constexpr int64_t group_rows = tiles::kQuantTileHalves * tiles::kHalfRows;
-            int64_t groups = tiles::max_tile_groups(static_cast<int>(M));
-            while (groups > 2 && (part.n_out + groups * group_rows - 1) / (groups * group_rows) < kUnitsPerThread * threads) groups /= 2;
-            return groups * group_rows;
-        }
+        if (M <= kFewTokens) return tiles::kQuantTileHalves * tiles::kHalfRows;
         return on_prompt_tiles(part, M) ? tiles::kPromptTileRows : tiles::kRegisterRows;
     }
     return (M <= kFewTokens ? kTilePanelsDecode : kTilePanelsPrefill) * kPanel;
+}
+
+// How many consecutive row units one tile may take: one or two tokens read up to four or two groups
+// side by side (2-core machine: Q4_0 decode +6-8% for two groups, +4-5% more for four; Q8_0 +3-5%
+// for four).
+int64_t units_per_tile(const PackedPart& part, int64_t M) {
+    return is_quantized(part.dtype) && M <= kFewTokens ? tiles::max_tile_groups(static_cast<int>(M)) : 1;
 }
 
 // k in the units the part's kernel steps through: bf16 k-pairs, f32 k, quantized 32-value sub-blocks.
@@ -427,22 +427,47 @@ void run_tile(const Lhs& lhs, const PackedWeight& w, const PackedPart& part, int
     }
 }
 
-// Tiles of a part for M tokens and `threads` threads: row tiles x token units.
-int64_t tiles_of(const PackedPart& part, int64_t M, int64_t n_in, int64_t k_block, int threads) {
-    const int64_t rows = tile_rows(part, M, threads), tokens = tile_tokens(part, M, on_bf16_tiles(part, n_in, k_block));
-    return (part.n_out + rows - 1) / rows * ((M + tokens - 1) / tokens);
+// How a part's work is cut: row units x token units, repeated for each of k_parts runs of k.
+struct PartUnits {
+    int64_t first;        // the part's first unit in the product's numbering
+    int64_t rows;         // output rows a unit
+    int64_t per_tile;     // consecutive row units one tile may take (for one token unit)
+    int64_t tokens;       // tokens a token unit
+    int64_t token_units;  // token units a row unit
+    int64_t segment;      // units of one k part: row units x token units
+};
+
+PartUnits part_units(const PackedPart& part, int64_t M, int64_t n_in, int64_t k_block, int64_t first) {
+    const int64_t rows = unit_rows(part, M), tokens = tile_tokens(part, M, on_bf16_tiles(part, n_in, k_block));
+    const int64_t token_units = (M + tokens - 1) / tokens;
+    return {first, rows, token_units == 1 ? units_per_tile(part, M) : 1, tokens, token_units,
+            (part.n_out + rows - 1) / rows * token_units};
+}
+
+// Tiles of full width that a product's parts make (k uncut).
+int64_t whole_tiles(const PackedWeight& w, int64_t M, int64_t k_block) {
+    int64_t tiles = 0;
+    for (const PackedPart& part : w.parts) {
+        const PartUnits u = part_units(part, M, w.n_in, k_block, 0);
+        tiles += (u.segment + u.per_tile - 1) / u.per_tile;
+    }
+    return tiles;
 }
 
 // Every tile of x W^T over k blocks of k_block columns, each handed to the sink. Threads split
 // the tiles (output rows, and tokens); each output element is computed by one thread in one fixed
-// order, whatever the thread count. With k_parts > 1 each tile's k range is also cut into that many
-// runs of whole k blocks, units of work of their own: only for sinks whose result does not depend on
-// how k is cut (linear_fixed's integer sums). TileBlock::part says which run a block belongs to.
+// order, whatever the thread count or the tiles' widths. With k_parts > 1 each row unit's k range is
+// also cut into that many runs of whole k blocks, units of work of their own: only for sinks whose
+// result does not depend on how k is cut (linear_fixed's integer sums). TileBlock::part says which
+// run a block belongs to.
 //
-// Each thread first takes its own contiguous run of units (as a static schedule would: its stream of
-// weights stays sequential), then helps the others by taking their next units: with a static split
-// alone one of two decode threads waited 5-10% of each product for the other (the memory does not
-// serve both alike), and interleaving single tiles (a dynamic schedule) read 10% slower.
+// Each thread first works through its own contiguous run of units from the front, in tiles as wide
+// as the kernels take (as a static schedule would: its stream of weights stays sequential), then
+// helps the others by taking units from the back of their runs, at most half of what is left: with
+// a static split alone one of two decode threads waited 5-10% of each product for the other (the
+// memory does not serve both alike), and interleaving single tiles (a dynamic schedule) read 10%
+// slower. Taking from the back lets the last steals be single units while the owner keeps its wide
+// tiles: taking whole tiles from the front left threads waiting up to a tile at the end.
 template <class Sink>
 void for_each_tile(const Tensor& x, const PackedWeight& w, int64_t k_block, int64_t k_parts, Sink sink) {
     LLAISYS_CHECK(x.size(-1) == w.n_in, "linear: x has the wrong number of columns");
@@ -450,18 +475,42 @@ void for_each_tile(const Tensor& x, const PackedWeight& w, int64_t k_block, int6
     const int64_t M = n_rows(x);
     const int64_t k_blocks = (w.n_in + k_block - 1) / k_block;
     const int runs = omp_get_max_threads();
-    std::vector<int64_t> first_unit{0}, rows_of;  // per part (then the total), and its tiles' rows
+    std::vector<PartUnits> split;
+    int64_t units = 0;
     for (const PackedPart& part : w.parts) {
-        first_unit.push_back(first_unit.back() + tiles_of(part, M, w.n_in, k_block, runs) * k_parts);
-        rows_of.push_back(tile_rows(part, M, runs));
+        split.push_back(part_units(part, M, w.n_in, k_block, units));
+        units += split.back().segment * k_parts;
     }
-    const int64_t units = first_unit.back();
-    struct alignas(64) Run {  // a thread's run of units: the next one not taken, and its end
-        std::atomic<int64_t> next;
-        int64_t end;
+    LLAISYS_CHECK(units < (int64_t{1} << 32), "linear: too many units of work");
+    const auto part_of = [&](int64_t unit) {
+        size_t i = 0;
+        while (i + 1 < split.size() && split[i + 1].first <= unit) ++i;
+        return i;
     };
+    // Units [u, u + n) of one part and k part, as one tile.
+    const auto run_units = [&](int64_t u, int64_t n) {
+        const size_t i = part_of(u);
+        const PartUnits& p = split[i];
+        const int64_t local = u - p.first, k_part = local / p.segment, within = local % p.segment;
+        const int64_t row_unit = within / p.token_units, m_begin = within % p.token_units * p.tokens;
+        const KRange kr{k_blocks * k_part / k_parts * k_block, k_blocks * (k_part + 1) / k_parts * k_block, k_part};
+        run_tile(lhs, w, w.parts[i], row_unit * p.rows, M, m_begin, std::min(M, m_begin + p.tokens), k_block, n * p.rows, kr, sink);
+    };
+    // How many units a tile takes from the front of [next, end), or from its back.
+    const auto front = [&](int64_t next, int64_t end) {
+        const PartUnits& p = split[part_of(next)];
+        return std::min({p.per_tile, end - next, p.segment - (next - p.first) % p.segment});
+    };
+    const auto back = [&](int64_t next, int64_t end) {
+        const PartUnits& p = split[part_of(end - 1)];
+        return std::min({p.per_tile, (end - next + 1) / 2, (end - 1 - p.first) % p.segment + 1});
+    };
+    struct alignas(64) Run {  // a thread's run of units: the next one not taken (low half) and its end (high half)
+        std::atomic<uint64_t> range;
+    };
+    const auto pack = [](int64_t next, int64_t end) { return static_cast<uint64_t>(end) << 32 | static_cast<uint64_t>(next); };
     std::vector<Run> run_of(runs);
-    for (int r = 0; r < runs; ++r) run_of[r].next = units * r / runs, run_of[r].end = units * (r + 1) / runs;
+    for (int r = 0; r < runs; ++r) run_of[r].range = pack(units * r / runs, units * (r + 1) / runs);
 #pragma omp parallel num_threads(runs)
     {
         std::vector<float> scratch;
@@ -471,16 +520,17 @@ void for_each_tile(const Tensor& x, const PackedWeight& w, int64_t k_block, int6
         // A team smaller than asked for still runs every run: each thread visits all of them.
         const int me = omp_get_thread_num();
         for (int v = 0; v < runs; ++v) {
-            Run& run = run_of[(me + v) % runs];
-            for (int64_t t; (t = run.next.fetch_add(1, std::memory_order_relaxed)) < run.end;) {
-                size_t i = 0;
-                while (first_unit[i + 1] <= t) ++i;
-                const PackedPart& part = w.parts[i];
-                const int64_t tokens = tile_tokens(part, M, on_bf16_tiles(part, w.n_in, k_block)), token_units = (M + tokens - 1) / tokens;
-                const int64_t tile = (t - first_unit[i]) / k_parts, k_part = (t - first_unit[i]) % k_parts;
-                const int64_t row_unit = tile / token_units, m_begin = tile % token_units * tokens;
-                const KRange kr{k_blocks * k_part / k_parts * k_block, k_blocks * (k_part + 1) / k_parts * k_block, k_part};
-                run_tile(lhs, w, part, row_unit * rows_of[i], M, m_begin, std::min(M, m_begin + tokens), k_block, rows_of[i], kr, sink);
+            std::atomic<uint64_t>& range = run_of[(me + v) % runs].range;
+            uint64_t seen = range.load(std::memory_order_relaxed);
+            for (;;) {
+                const int64_t next = seen & 0xffffffffu, end = seen >> 32;
+                if (next >= end) break;
+                const int64_t n = v == 0 ? front(next, end) : back(next, end);
+                const int64_t u = v == 0 ? next : end - n;
+                if (!range.compare_exchange_weak(seen, v == 0 ? pack(next + n, end) : pack(next, end - n), std::memory_order_relaxed))
+                    continue;  // another thread took units first: `seen` now holds the run as it is
+                run_units(u, n);
+                seen = range.load(std::memory_order_relaxed);
             }
         }
     }
@@ -555,9 +605,10 @@ void add_fixed(int64_t* dst, const float* v, int64_t n) {
     }
 }
 
-// How many runs of k blocks linear_fixed cuts each tile into: one, unless a few tokens' tiles are
-// too few for the threads (a decode step's down_proj in the 0.5B model is 7 tiles: of 2 threads one
-// did 4 and the other waited), and only into runs of kMinRunBlocks blocks or more. Runs of one or two
+// How many runs of k blocks linear_fixed cuts each row unit into: one, unless a few tokens' tiles are
+// too few for the threads (a decode step's down_proj in the 0.5B model is 14 groups, 4 tiles: a
+// group of 4864 k is 175 KB of Q4_0, too coarse a unit to share at the end), and only into runs of
+// kMinRunBlocks blocks or more. Runs of one or two
 // blocks (a rank's o_proj and down_proj at 4 x 4 or 8 x 2 on 16 cores) cost more in calls and in the
 // runs' sums than they gained: cutting them no more decoded 1.05-1.17x (16 cores: 4 x 4, 8 x 2, 2 x 8).
 // Integer sums make any cut give the same bits.
@@ -565,10 +616,8 @@ constexpr int64_t kMinRunBlocks = 8;
 int64_t fixed_k_parts(const Tensor& x, const PackedWeight& w, int64_t k_block) {
     const int64_t M = n_rows(x);
     if (M > kFewTokens) return 1;
-    int64_t tiles = 0;
-    const int threads = omp_get_max_threads();
-    for (const PackedPart& part : w.parts) tiles += tiles_of(part, M, w.n_in, k_block, threads);
-    const int64_t wanted = (kUnitsPerThread * threads + tiles - 1) / std::max<int64_t>(tiles, 1);
+    const int64_t tiles = whole_tiles(w, M, k_block);
+    const int64_t wanted = (kUnitsPerThread * omp_get_max_threads() + tiles - 1) / std::max<int64_t>(tiles, 1);
     return std::clamp<int64_t>(wanted, 1, std::max<int64_t>(w.n_in / k_block / kMinRunBlocks, 1));
 }
 
