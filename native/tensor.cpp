@@ -1,8 +1,11 @@
 #include "tensor.hpp"
 
+#include <algorithm>
 #include <bit>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
+#include <mutex>
 #include <stdexcept>
 
 #include <sys/mman.h>
@@ -88,12 +91,59 @@ Tensor Tensor::empty(std::vector<int64_t> shape, DType dtype) {
     return t;
 }
 
-Tensor zeros_on_huge_pages(std::vector<int64_t> shape, DType dtype) {
-    Tensor t = Tensor::empty(std::move(shape), dtype);
+namespace {
+
+// Buffers below kChunk share chunks of huge pages: each is carved from the current chunk, which lives
+// as long as any buffer in it (a shard's slices of a layer's matrices are far below 2 MiB from 4
+// ranks on: each on its own would sit on 4 KiB pages). A chunk's untouched pages cost no memory.
+constexpr size_t kChunk = 8 * kHugePage;
+
+class ChunkPool {
+  public:
+    // `bytes` (64-byte aligned) of the current chunk, or of a fresh one when it has no room left.
+    std::shared_ptr<void> take(size_t bytes) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        if (!chunk_ || used_ + bytes > kChunk) {
+            void* p = std::aligned_alloc(kHugePage, kChunk);
+            LLAISYS_CHECK(p != nullptr, "out of memory allocating a chunk of weights");
+            advise_huge(p, kChunk);
+            chunk_ = std::shared_ptr<std::byte>(static_cast<std::byte*>(p), std::free);
+            used_ = 0;
+        }
+        std::shared_ptr<void> buffer(chunk_, chunk_.get() + used_);  // shares the chunk's ownership
+        used_ += (bytes + 63) / 64 * 64;
+        return buffer;
+    }
+
+  private:
+    static void advise_huge([[maybe_unused]] void* p, [[maybe_unused]] size_t bytes) {
 #ifdef MADV_HUGEPAGE
-    if (t.nbytes() >= kHugePage && reinterpret_cast<uintptr_t>(t.base) % kHugePage == 0)
-        madvise(t.base, t.nbytes() / kHugePage * kHugePage, MADV_HUGEPAGE);
+        madvise(p, bytes, MADV_HUGEPAGE);
 #endif
+    }
+
+    std::mutex mutex_;
+    std::shared_ptr<std::byte> chunk_;
+    size_t used_ = 0;
+};
+
+}  // namespace
+
+Tensor zeros_on_huge_pages(std::vector<int64_t> shape, DType dtype) {
+    static ChunkPool pool;
+    Tensor t;
+    t.dtype = dtype;
+    t.strides = contiguous_strides(shape);
+    t.shape = std::move(shape);
+    if (t.nbytes() < kChunk) {
+        t.storage = pool.take(std::max<size_t>(t.nbytes(), 1));
+        t.base = static_cast<std::byte*>(t.storage.get());
+    } else {  // its own whole huge pages (the last one partly used)
+        t = Tensor::empty(t.shape, dtype);
+#ifdef MADV_HUGEPAGE
+        madvise(t.base, (t.nbytes() + kHugePage - 1) / kHugePage * kHugePage, MADV_HUGEPAGE);
+#endif
+    }
     std::memset(t.base, 0, t.nbytes());
     return t;
 }

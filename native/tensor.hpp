@@ -60,7 +60,8 @@ constexpr size_t kHugePage = size_t{2} << 20;
 // Zeros on huge pages, for a buffer that is read whole and often (weights): decode streams every
 // weight once per token, and with 4 KiB pages that costs a TLB miss every 4 KiB. The advice comes
 // before the zeroing, since the first write picks the page size (advised after it, 16 MiB of an
-// 800 MiB Q8_0 model were on huge pages). Caches stay on small pages, so that only the positions in
+// 800 MiB Q8_0 model were on huge pages). Buffers under 16 MiB share chunks of huge pages (a rank's
+// slices of a layer are far below 2 MiB). Caches stay on small pages, so that only the positions in
 // use take memory.
 Tensor zeros_on_huge_pages(std::vector<int64_t> shape, DType dtype);
 
