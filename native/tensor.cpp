@@ -98,6 +98,12 @@ namespace {
 // ranks on: each on its own would sit on 4 KiB pages). A chunk's untouched pages cost no memory.
 constexpr size_t kChunk = 8 * kHugePage;
 
+void advise_huge([[maybe_unused]] void* p, [[maybe_unused]] size_t bytes) {
+#ifdef MADV_HUGEPAGE
+    madvise(p, bytes, MADV_HUGEPAGE);
+#endif
+}
+
 class ChunkPool {
   public:
     // `bytes` (64-byte aligned) of the current chunk, or of a fresh one when it has no room left.
@@ -116,12 +122,6 @@ class ChunkPool {
     }
 
   private:
-    static void advise_huge([[maybe_unused]] void* p, [[maybe_unused]] size_t bytes) {
-#ifdef MADV_HUGEPAGE
-        madvise(p, bytes, MADV_HUGEPAGE);
-#endif
-    }
-
     std::mutex mutex_;
     std::shared_ptr<std::byte> chunk_;
     size_t used_ = 0;
@@ -140,9 +140,7 @@ Tensor zeros_on_huge_pages(std::vector<int64_t> shape, DType dtype) {
         t.base = static_cast<std::byte*>(t.storage.get());
     } else {  // its own whole huge pages (the last one partly used)
         t = Tensor::empty(t.shape, dtype);
-#ifdef MADV_HUGEPAGE
-        madvise(t.base, (t.nbytes() + kHugePage - 1) / kHugePage * kHugePage, MADV_HUGEPAGE);
-#endif
+        advise_huge(t.base, (t.nbytes() + kHugePage - 1) / kHugePage * kHugePage);
     }
     std::memset(t.base, 0, t.nbytes());
     return t;

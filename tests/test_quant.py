@@ -83,8 +83,8 @@ def test_quantized_linear_matches_float64(name, M, N, K):
 @pytest.mark.parametrize("name,cols,rows", [(name, 512, 104) for name in TYPES] + [(name, 256, 2088) for name in TYPES]
                          + [("BF16", 512, 104), ("BF16", 40, 104), ("F32", 40, 104)])
 def test_a_token_gets_the_same_bits_alone_in_a_batch_or_in_a_prompt(name, cols, rows):
-    """Decode (up to four groups of rows per tile where there are enough rows for the threads: 2088
-    rows on two threads), a batch of 2 (two groups of rows per tile, the second one partial here), a batch of 3
+    """Decode (up to four groups of rows per tile, single groups where threads share the last ones:
+    2088 rows), a batch of 2 (two groups of rows per tile, the second one partial here), a batch of 3
     (a whole group of rows per tile) and a 40-token prompt (AMX tiles of 32
     tokens where the CPU has them, else one register of rows per tile, 8-row tails in 256-bit registers)
     sum the same integers and scale them in the same order. Float weights too: bf16 ones run on AMX
@@ -174,6 +174,43 @@ def test_fused_parts_keep_their_own_types():
             _native.linear(out, x, _native.pack_weight(w, dtype))
             separate.append(out)
         assert np.array_equal(fused, np.concatenate(separate, axis=1))
+
+
+SHARED_WORK = """
+import sys, numpy as np
+sys.path.insert(0, "tests")
+from test_quant import shared_work_products
+np.save(sys.argv[1], shared_work_products())
+"""
+
+
+def shared_work_products():
+    """One token through three fused Q4_0 parts with partial last groups, 20 times over: plain, and in
+    fixed point with k cut into runs (64 k blocks of 64 values)."""
+    r = rng(13)
+    parts = [(quantized("Q4_0", random_blocks("Q4_0", rows, 4096, r)), _native.DType.Q4_0) for rows in (200, 72, 136)]
+    w, x = _native.pack_fused(parts), r.standard_normal((1, 4096)).astype(np.float32)
+    runs = []
+    for _ in range(20):
+        plain, fixed = np.zeros((1, 408), np.float32), np.zeros((1, 408), np.int64)
+        _native.linear(plain, x, w)
+        _native.linear_fixed(fixed, x, w, 64)
+        runs.append(np.concatenate([plain.view(np.int32).astype(np.int64), fixed], axis=1))
+    return np.stack(runs)
+
+
+@pytest.mark.parametrize("threads", [7, 16])
+def test_threads_sharing_the_last_units_give_the_same_bits(tmp_path, threads):
+    """More threads than cores: threads lose their core mid-product, and the others take units from
+    the back of their runs, across parts and runs of k. Every result matches one thread's."""
+    def products(n):
+        out = tmp_path / f"{n}.npy"
+        subprocess.run([sys.executable, "-c", SHARED_WORK, str(out)], check=True, cwd=Path(__file__).parent.parent,
+                       env={**os.environ, "OMP_NUM_THREADS": str(n)})
+        return np.load(out)
+    alone, shared = products(1), products(threads)
+    assert np.count_nonzero(alone[0]) > 400  # every output written
+    assert np.array_equal(shared, np.broadcast_to(alone[0], shared.shape))
 
 
 @pytest.mark.parametrize("name", TYPES)

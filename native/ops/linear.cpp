@@ -431,7 +431,7 @@ void run_tile(const Lhs& lhs, const PackedWeight& w, const PackedPart& part, int
 struct PartUnits {
     int64_t first;        // the part's first unit in the product's numbering
     int64_t rows;         // output rows a unit
-    int64_t per_tile;     // consecutive row units one tile may take (for one token unit)
+    int64_t per_tile;     // consecutive row units one tile may take (more than one only where all tokens are one unit)
     int64_t tokens;       // tokens a token unit
     int64_t token_units;  // token units a row unit
     int64_t segment;      // units of one k part: row units x token units
@@ -440,8 +440,7 @@ struct PartUnits {
 PartUnits part_units(const PackedPart& part, int64_t M, int64_t n_in, int64_t k_block, int64_t first) {
     const int64_t rows = unit_rows(part, M), tokens = tile_tokens(part, M, on_bf16_tiles(part, n_in, k_block));
     const int64_t token_units = (M + tokens - 1) / tokens;
-    return {first, rows, token_units == 1 ? units_per_tile(part, M) : 1, tokens, token_units,
-            (part.n_out + rows - 1) / rows * token_units};
+    return {first, rows, units_per_tile(part, M), tokens, token_units, (part.n_out + rows - 1) / rows * token_units};
 }
 
 // Tiles of full width that a product's parts make (k uncut).
@@ -608,9 +607,9 @@ void add_fixed(int64_t* dst, const float* v, int64_t n) {
 // How many runs of k blocks linear_fixed cuts each row unit into: one, unless a few tokens' tiles are
 // too few for the threads (a decode step's down_proj in the 0.5B model is 14 groups, 4 tiles: a
 // group of 4864 k is 175 KB of Q4_0, too coarse a unit to share at the end), and only into runs of
-// kMinRunBlocks blocks or more. Runs of one or two
-// blocks (a rank's o_proj and down_proj at 4 x 4 or 8 x 2 on 16 cores) cost more in calls and in the
-// runs' sums than they gained: cutting them no more decoded 1.05-1.17x (16 cores: 4 x 4, 8 x 2, 2 x 8).
+// kMinRunBlocks blocks or more. Runs of one or two blocks (a rank's o_proj and down_proj at 4 x 4 or
+// 8 x 2 on 16 cores) cost more in calls and in the runs' sums than they gained: cutting them no more
+// decoded 1.05-1.17x (16 cores: 4 x 4, 8 x 2, 2 x 8).
 // Integer sums make any cut give the same bits.
 constexpr int64_t kMinRunBlocks = 8;
 int64_t fixed_k_parts(const Tensor& x, const PackedWeight& w, int64_t k_block) {
