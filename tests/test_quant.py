@@ -109,6 +109,26 @@ def test_a_token_gets_the_same_bits_alone_in_a_batch_or_in_a_prompt(name, cols, 
     assert np.array_equal(pair, prompt[:2])
 
 
+@pytest.mark.parametrize("name", ["BF16", "Q8_0"])
+@pytest.mark.parametrize("cols,block", [(512, 64), (384, 128), (4864, 64)])
+def test_exact_sums_of_a_few_tokens_match_the_prompts(name, cols, block):
+    """linear_fixed's integer sums of 1, 2, 5 and 16 tokens equal those of the same tokens in a 40-token
+    prompt. On AMX a few tokens' bf16 blocks sum in rows of their own and are stored several at a time
+    (a prompt stores every block): 3 blocks leave slots unused; 76 blocks of 70 rows are also cut
+    into k runs that start inside a group of slots."""
+    r = rng(cols + block)
+    dtype = getattr(_native.DType, name)
+    values = r.standard_normal((70, cols)).astype(np.float32)
+    w = _native.pack_weight(values if name == "BF16" else quantized(name, random_blocks(name, 70, cols, r)), dtype)
+    x = r.standard_normal((40, cols)).astype(np.float32)
+    prompt = np.zeros((40, 70), np.int64)
+    _native.linear_fixed(prompt, x, w, block)
+    for m in (1, 2, 5, 16):
+        few = np.zeros((m, 70), np.int64)
+        _native.linear_fixed(few, x[:m], w, block)
+        assert np.array_equal(few, prompt[:m])
+
+
 PROMPT_WITHOUT_AMX = """
 import sys, numpy as np
 sys.path.insert(0, "tests")
