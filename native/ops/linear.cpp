@@ -165,12 +165,11 @@ void tile_bf16_amx(const uint16_t* x, int64_t ldx, int mt, const uint16_t* w, in
 // block, and a tile store in the middle of the weight stream held the next block's loads back until
 // it was done (2 threads on the 2-core machine: a bf16 down_proj streamed at 23 GB/s in blocks of
 // 128, 27 GB/s as one block). So each of up to kMaxBlockSlots consecutive blocks sums into rows of
-// its own, its slot: lhs.slots holds, for every 32-k chunk, mt rows of x in the chunk's block's slot
-// and zeros in the others (adding those exact zeros changes no sum), and the tiles are stored once
-// for all the slots' blocks. A block's sums take the same steps as in tile_bf16_amx: the same bits.
-// slots: band (slot * mt + m) of chunk c at slots + band * ld_slots + 32 * c; blocks of block_kp
-// k-pairs. stored(kp_begin, kp_end, values) gets each block's sums (values[m * np * kPanel + c]) in k
-// order.
+// its own, its slot: the activations `slots` (Lhs::slots) hold a chunk's mt tokens in the rows of its
+// block's slot and zeros in the others (a zero times a finite weight adds nothing to a sum), and the
+// tiles are stored once for all the slots' blocks. A block's sums take the same steps as in
+// tile_bf16_amx: the same bits. Blocks are block_kp k-pairs; stored(kp_begin, kp_end, values) gets
+// each block's sums (values[m * np * kPanel + c]) in k order.
 template <class Stored>
 void tile_bf16_amx_slots(const uint16_t* slots, int64_t ld_slots, int n_slots, int64_t block_kp, int mt, const uint16_t* w,
                          int64_t row_stride, int np, int64_t kp0, int64_t kp1, float* tile, Stored stored) {
@@ -279,10 +278,11 @@ struct Lhs {
     // (m, sb) at ((m / 32) * ld_blocks + sb) * 32 + m % 32.
     quant::ActivationBlock* blocks = nullptr;
     // For a few tokens' exact bf16 products on AMX (tile_bf16_amx_slots): n_slots * rows bands of
-    // n_in values, band (s * rows + m) holding row m's bf16 values in the 32-k chunks of the k blocks
-    // (of slot_block columns) whose slot, block index % n_slots, is s, and zeros elsewhere.
+    // ld_slots (n_in) values, band (s * rows + m) holding row m's bf16 values in the 32-column chunks
+    // of the k blocks (of slot_block columns) whose slot, block index % n_slots, is s, and zeros
+    // elsewhere. n_slots is 0 where the products store every block (prompts, plain products).
     uint16_t* slots = nullptr;
-    int64_t n_slots = 0, slot_block = 0;
+    int64_t n_slots = 0, slot_block = 0, ld_slots = 0;
     bool need_bf16 = false, need_f32 = false, need_blocks = false, interleaved = false;
     int64_t rows = 0, ld_bf16 = 0, ld_f32 = 0, ld_blocks = 0;
     int64_t span = 0, spans_per_row = 0;  // fill_lhs's columns an item (at most), and items a row
@@ -336,12 +336,12 @@ Lhs prepare_lhs(const Tensor& x, const PackedWeight& w, int64_t k_block) {
             for (int64_t m = 0; m < rows; ++m) bf16[m * lhs.ld_bf16 + n_in] = Bf16Lhs{0};
     }
     if (lhs.need_f32) at_least(f32, rows * n_in);
-    if (slotted && rows <= kFewTokens) lhs.n_slots = std::min({kMaxBlockSlots, kAmxRows / rows, n_in / k_block});
-    if (lhs.n_slots > 1) {
-        at_least(slots, lhs.n_slots * rows * n_in);
+    const int64_t n_slots = slotted && rows <= kFewTokens ? std::min({kMaxBlockSlots, kAmxRows / rows, n_in / k_block}) : 0;
+    if (n_slots > 1) {  // (one slot is what tile_bf16_amx does, storing every block)
+        lhs.n_slots = n_slots;
         lhs.slot_block = k_block;
-    } else {
-        lhs.n_slots = 0;
+        lhs.ld_slots = n_in;
+        at_least(slots, n_slots * rows * n_in);
     }
     // AMX prompt tiles read 32 tokens' blocks at a time: those past the last token are never used.
     if (lhs.need_blocks) at_least(blocks, (rows + tiles::kPromptTileTokens - 1) / tiles::kPromptTileTokens * tiles::kPromptTileTokens * lhs.ld_blocks);
@@ -358,6 +358,17 @@ Lhs prepare_lhs(const Tensor& x, const PackedWeight& w, int64_t k_block) {
     return lhs;
 }
 
+// Columns [c0, c1) (whole 32-column chunks: spans are, where there are slots) of row m's bands in
+// lhs.slots, from its bf16 values.
+void fill_slots(const Lhs& lhs, int64_t m, int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; c += 32)
+        for (int64_t s = 0; s < lhs.n_slots; ++s) {
+            uint16_t* chunk = lhs.slots + (s * lhs.rows + m) * lhs.ld_slots + c;
+            if (s == c / lhs.slot_block % lhs.n_slots) std::memcpy(chunk, lhs.bf16 + m * lhs.ld_bf16 + c, 32 * sizeof(uint16_t));
+            else std::memset(chunk, 0, 32 * sizeof(uint16_t));
+        }
+}
+
 // Item `item` of fill_lhs's rows x spans: columns [c0, c1) of one row of x in every form lhs needs.
 void fill_lhs(const Lhs& lhs, const Tensor& x, int64_t n_in, int64_t item, std::vector<float>& scratch) {
     const int64_t m = item / lhs.spans_per_row, c0 = item % lhs.spans_per_row * lhs.span;
@@ -371,12 +382,9 @@ void fill_lhs(const Lhs& lhs, const Tensor& x, int64_t n_in, int64_t item, std::
         }
     }
     if (lhs.need_f32) std::memcpy(lhs.f32 + m * n_in + c0, xr, n * sizeof(float));
-    for (int64_t c = c0; c < c1 && lhs.n_slots; c += 32)  // (spans are whole chunks when there are slots)
-        for (int64_t s = 0; s < lhs.n_slots; ++s) {
-            uint16_t* chunk = lhs.slots + (s * lhs.rows + m) * n_in + c;
-            if (s == c / lhs.slot_block % lhs.n_slots) std::memcpy(chunk, lhs.bf16 + m * lhs.ld_bf16 + c, 32 * sizeof(uint16_t));
-            else std::memset(chunk, 0, 32 * sizeof(uint16_t));
-        }
+    if constexpr (std::is_same_v<Bf16Lhs, uint16_t>) {  // (slots exist with AMX only)
+        if (lhs.n_slots) fill_slots(lhs, m, c0, c1);
+    }
     if (lhs.need_blocks && lhs.interleaved) {
         constexpr int64_t T = tiles::kPromptTileTokens;
         quant::quantize_activations(xr, lhs.blocks + ((m / T) * lhs.ld_blocks + c0 / 32) * T + m % T, n, T);
@@ -474,8 +482,8 @@ void run_tile(const Lhs& lhs, const PackedWeight& w, const PackedPart& part, int
     if (on_bf16_tiles(part, w.n_in, k_block)) {
         const uint16_t* panel0 = part.panels.data<uint16_t>() + (p0 / kGroup) * part.panels.strides[0] + (p0 % kGroup) * step;
         if (lhs.n_slots) {  // a few tokens, all in this tile (tile_tokens)
-            const int mt = static_cast<int>(M);
-            tile_bf16_amx_slots(lhs.slots, w.n_in, static_cast<int>(lhs.n_slots), k_block / unit, mt, panel0, row_stride,
+            const int mt = static_cast<int>(lhs.rows);
+            tile_bf16_amx_slots(lhs.slots, lhs.ld_slots, static_cast<int>(lhs.n_slots), k_block / unit, mt, panel0, row_stride,
                                 static_cast<int>(np), kr.begin / unit, kr.end / unit, tile, [&](int64_t kp0, int64_t kp1, const float* values) {
                 sink(TileBlock{0, mt, part.row_begin + r0, rows, values, np * kPanel, kp0 * unit == kr.begin, kp1 * unit == kr.end, kr.part});
             });
