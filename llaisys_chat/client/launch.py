@@ -52,11 +52,12 @@ def layout(cores: int, ranks: int | None = None, model_bytes: int | None = None)
     """(engines, threads per engine) for a cluster on this machine: the cores split evenly among the
     engines asked for; by default engines of up to 8 threads, or of up to 4 for a model under
     SMALL_MODEL_BYTES, and at least 2 engines where each can have 2 cores. On a 16-core machine
-    (docs/benchmarks.md, "Layouts over three alternating rounds") the 0.5B shape in q8_0 and q4_0
-    (404-639 MiB) decoded 1.15-1.29x faster at 4 x 4 than at 2 x 8 and in the demo's Q4_K_M mix alike,
-    while the 1.5B shape in q8_0 and bf16 (1.8-3.3 GiB) decoded 1.2x faster at 2 x 8, and engines of 1
-    thread (16 x 1) were the slowest. On 2 cores one engine of 2 threads decodes 1.03-1.05x and
-    prefills 1.08-1.12x as fast as 2 x 1, both built-in models ("One engine on 2 cores")."""
+    (docs/benchmarks.md, "Layouts over three alternating rounds" and "At 843a452") the 0.5B shape in
+    q8_0 and q4_0 (404-639 MiB) decoded faster at 4 x 4 than at 2 x 8 (q8_0 1.15-1.19x, q4_0
+    1.01-1.29x) and the demo's Q4_K_M mix alike, while the 1.5B shape in q8_0 and bf16 (1.8-3.3 GiB)
+    decoded faster at 2 x 8 (1.01-1.22x), and engines of 1 thread (16 x 1) were the slowest. On 2
+    cores one engine of 2 threads decodes 1.03-1.05x and prefills 1.08-1.12x as fast as 2 x 1, both
+    built-in models ("One engine on 2 cores")."""
     if ranks is None:
         most = 4 if model_bytes is not None and model_bytes < SMALL_MODEL_BYTES else 8
         ranks = max(min(2, cores // 2), -(-cores // most))
