@@ -31,4 +31,5 @@ for t in $types; do
     python3 bench/layouts.py /tmp/m-$t.gguf --cores 16 --weights auto --rounds 1 --tokens 48 $LAYOUTS > /tmp/layouts.txt
     cat /tmp/layouts.txt >> "$out"  # every run's figures; the table alone to the screen
     sed -n '/^Machine:/,$p' /tmp/layouts.txt
+    python3 bench/membw.py 16 | tee -a "$out"  # the read limit the table's "weights read GB/s" nears
 done

@@ -4,7 +4,8 @@ For each type, rounds alternate over the layouts (ranks = each power of two up t
 cores / ranks, each rank bound to its own cores; or those given as --layouts RxT) running
 bench/mpi_decode.py under mpiexec: greedy decode of --tokens tokens after a ~220-token prompt (the
 second of two replies), with the exact reduction or each of --reductions. Prints medians (prefill and
-decode) and each run's decode ratio to the best.
+decode), each run's decode ratio to the best, and the weights' bytes all ranks read a second in decode
+(against what bench/membw.py reads with as many streams: how close decode is to the memory's limit).
 
     python bench/layouts.py MODEL [--cores 16] [--layouts 8x1 16x1] [--reductions exact fast]
         [--weights bf16 q8_0 q4_0] [--tokens 64] [--rounds 2]
@@ -37,7 +38,8 @@ def decode(model: str, ranks: int, threads: int, weights: str, tokens: int, redu
         raise SystemExit(f"{ranks} x {threads} {weights} {reduction} failed:\n{done.stderr[-3000:]}")
     # The second of two replies: the first also pays for touching fresh buffers (page faults).
     reply = json.loads(done.stdout.strip().splitlines()[-1])
-    return {"tok_s": reply["decode_tokens_per_s"], "prefill": reply["prompt_tokens"] / reply["prefill_seconds"],
+    step_bytes = sum(rank["decode_bytes"] for rank in reply["ranks"])  # weights all ranks read a token
+    return {"tok_s": reply["decode_tokens_per_s"], "read_gb_s": step_bytes * reply["decode_tokens_per_s"] / 1e9, "prefill": reply["prompt_tokens"] / reply["prefill_seconds"],
             "prompt": reply["prompt_tokens"], "rss": reply["ranks"][0]["rss_bytes"] / 2**20}
 
 
@@ -67,11 +69,12 @@ def main():
         for (ranks, threads, reduction), results in runs.items():
             speed = speeds[(ranks, threads, reduction)]
             rows.append([weights, ranks, threads, reduction, speed, speed / best,
+                         statistics.median(r["read_gb_s"] for r in results),
                          statistics.median(r["prefill"] for r in results), results[0]["prompt"],
                          statistics.median(r["rss"] for r in results)])
     print(f"\nMachine: {machine()}; model {args.model}; greedy decode of {args.tokens} tokens; "
           f"medians of {args.rounds} rounds")
-    print(table(["weights", "ranks", "threads per rank", "reduction", "decode tok/s", "vs best", "prefill tok/s",
+    print(table(["weights", "ranks", "threads per rank", "reduction", "decode tok/s", "vs best", "weights read GB/s", "prefill tok/s",
                  "prompt tokens", "rank 0 RSS MiB"], rows))
 
 

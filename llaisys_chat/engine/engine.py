@@ -136,7 +136,8 @@ class Engine:
         return {
             "model": str(self.folder), "rank": self.group.rank, "ranks": self.group.size, "threads": self.threads,
             "weights": self.weights, "max_context": self.max_context, "shard": self.plan.bounds(),
-            "weight_bytes": self.model.weight_bytes, "cache_bytes": sum(c.nbytes for c in self._caches.values()),
+            "weight_bytes": self.model.weight_bytes, "decode_bytes": self.model.decode_bytes,
+            "cache_bytes": sum(c.nbytes for c in self._caches.values()),
             "cache_slots": self.cache_slots,
             "rss_bytes": resident_bytes(),
         }
