@@ -113,10 +113,8 @@ def test_a_token_gets_the_same_bits_alone_in_a_batch_or_in_a_prompt(name, cols, 
 @pytest.mark.parametrize("cols,block", [(512, 64), (384, 128), (4864, 64)])
 def test_exact_sums_of_a_few_tokens_match_the_prompts(name, cols, block):
     """linear_fixed's integer sums of 1, 2, 5 and 16 tokens equal those of the same tokens in a 40-token
-    prompt. On AMX a few tokens' bf16 blocks sum in rows of their own (up to 4 slots, 3 for 5 tokens,
-    none for 16) and are stored several at a time, where a prompt stores every block: 8 blocks end in
-    a group of fewer blocks than slots, and 76 blocks of 70 rows are also cut into k runs that start
-    inside a group. (Without AMX both take the same kernel, and this checks that.)"""
+    prompt: a few tokens take other tiles than a prompt (a whole group of rows; with 76 blocks of 70
+    rows, k is also cut into runs shared by the threads), which must not change a bit."""
     r = rng(cols + block)
     dtype = getattr(_native.DType, name)
     values = r.standard_normal((70, cols)).astype(np.float32)

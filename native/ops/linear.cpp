@@ -48,11 +48,6 @@ static_assert(kGroup % kTilePanelsDecode == 0 && kGroup % kTilePanelsPrefill == 
 constexpr int64_t kPrefetchSteps = 32;
 // Columns of a few tokens' rows that one thread converts for the kernels (fill_lhs).
 constexpr int64_t kLhsSpan = 512;
-// k blocks whose sums share one store of AMX tiles in decode's exact products (tile_bf16_amx_slots),
-// and the rows of an AMX tile. Each slot makes every tile product longer by a token's rows: a bf16
-// down_proj at 2 threads streamed at 25 GB/s with one slot (a store a block), 26.5 with 2, 28-29 with
-// 4, 27-28 with 8 and 24 with 16.
-constexpr int64_t kMaxBlockSlots = 4, kAmxRows = 16;
 
 #if defined(__AVX512BF16__)
 // bf16 lhs: x rounded to bf16, k-pairs side by side, as _mm512_dpbf16_ps consumes them.
@@ -83,33 +78,6 @@ void tile_bf16(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t row_st
         for (int p = 0; p < NP; ++p) _mm512_storeu_ps(tile + (m * NP + p) * kPanel, acc[m][p]);
 }
 
-// The panels' lines kPrefetchSteps k-pairs ahead of a 16-k-pair step, as the vector kernels ask for
-// them (decode streams the weights).
-inline void prefetch_panels(const uint16_t* wk, int64_t row_stride, int np) {
-    for (int64_t i = 0; i < 16; ++i)
-        for (int p = 0; p < np; ++p) __builtin_prefetch(wk + (kPrefetchSteps + i) * row_stride + p * 32);
-}
-
-// One 16-k-pair step of up to 16 rows of activations (tile 4, rows a_bytes apart) against np panels:
-// sums in tiles 0..np-1, the panels' k-pairs in 5-7 in turn.
-inline void few_tokens_step(const uint16_t* a, int64_t a_bytes, const uint16_t* wk, int64_t row_stride, int np) {
-    const int64_t w_bytes = row_stride * 2;
-    prefetch_panels(wk, row_stride, np);
-    LLAISYS_TILE_LOAD(4, a, a_bytes);
-    LLAISYS_TILE_LOAD(5, wk, w_bytes);
-    LLAISYS_TILE_DOT_BF16(0, 4, 5);
-    if (np > 1) { LLAISYS_TILE_LOAD(6, wk + 32, w_bytes); LLAISYS_TILE_DOT_BF16(1, 4, 6); }
-    if (np > 2) { LLAISYS_TILE_LOAD(7, wk + 64, w_bytes); LLAISYS_TILE_DOT_BF16(2, 4, 7); }
-    if (np > 3) { LLAISYS_TILE_LOAD(5, wk + 96, w_bytes); LLAISYS_TILE_DOT_BF16(3, 4, 5); }
-}
-
-inline void store_sums(float* tile, int64_t out_bytes, int np) {
-    LLAISYS_TILE_STORE(0, tile, out_bytes);
-    if (np > 1) LLAISYS_TILE_STORE(1, tile + kPanel, out_bytes);
-    if (np > 2) LLAISYS_TILE_STORE(2, tile + 2 * kPanel, out_bytes);
-    if (np > 3) LLAISYS_TILE_STORE(3, tile + 3 * kPanel, out_bytes);
-}
-
 // bf16 weights on AMX tiles, where the CPU has AMX-BF16: one instruction multiplies 16 tokens by 16
 // k-pairs of 16 rows. The packed panels are already the B layout (a k-pair's 16 rows x 2 values, 64
 // bytes, k-pairs `row_stride` apart), and x's bf16 rows the A layout. Tile products round otherwise
@@ -138,8 +106,10 @@ void tile_bf16_amx(const uint16_t* x, int64_t ldx, int mt, const uint16_t* w, in
     for (int64_t kp = kp0; kp < kp1; kp += 16) {
         const uint16_t* xk = x + 2 * kp;
         const uint16_t* wk = w + kp * row_stride;
+        // The panels' lines ahead, as the vector kernels ask for them (decode streams the weights).
+        for (int64_t i = 0; i < 16; ++i)
+            for (int p = 0; p < np; ++p) __builtin_prefetch(wk + (kPrefetchSteps + i) * row_stride + p * 32);
         if (second > 0) {
-            prefetch_panels(wk, row_stride, np);
             LLAISYS_TILE_LOAD(4, xk, x_bytes);
             LLAISYS_TILE_LOAD(5, xk + 16 * ldx, x_bytes);
             LLAISYS_TILE_LOAD(6, wk, w_bytes);
@@ -149,44 +119,23 @@ void tile_bf16_amx(const uint16_t* x, int64_t ldx, int mt, const uint16_t* w, in
                 LLAISYS_TILE_DOT_BF16(1, 4, 7); LLAISYS_TILE_DOT_BF16(3, 5, 7);
             }
         } else {
-            few_tokens_step(xk, x_bytes, wk, row_stride, np);
+            LLAISYS_TILE_LOAD(4, xk, x_bytes);
+            LLAISYS_TILE_LOAD(5, wk, w_bytes);
+            LLAISYS_TILE_DOT_BF16(0, 4, 5);
+            if (np > 1) { LLAISYS_TILE_LOAD(6, wk + 32, w_bytes); LLAISYS_TILE_DOT_BF16(1, 4, 6); }
+            if (np > 2) { LLAISYS_TILE_LOAD(7, wk + 64, w_bytes); LLAISYS_TILE_DOT_BF16(2, 4, 7); }
+            if (np > 3) { LLAISYS_TILE_LOAD(5, wk + 96, w_bytes); LLAISYS_TILE_DOT_BF16(3, 4, 5); }
         }
     }
+    float* second_rows = tile + 16 * np * kPanel;
     if (second > 0) {
-        float* second_rows = tile + 16 * np * kPanel;
         LLAISYS_TILE_STORE(0, tile, out_bytes); LLAISYS_TILE_STORE(2, second_rows, out_bytes);
         if (np > 1) { LLAISYS_TILE_STORE(1, tile + kPanel, out_bytes); LLAISYS_TILE_STORE(3, second_rows + kPanel, out_bytes); }
     } else {
-        store_sums(tile, out_bytes, np);
-    }
-}
-
-// Decode's exact products (linear_fixed) on AMX: a tile's sums must be stored at the end of every k
-// block, and a tile store in the middle of the weight stream held the next block's loads back until
-// it was done (2 threads on the 2-core machine: a bf16 down_proj streamed at 23 GB/s in blocks of
-// 128, 27 GB/s as one block). So each of up to kMaxBlockSlots consecutive blocks sums into rows of
-// its own, its slot: the activations `slots` (Lhs::slots) hold a chunk's mt tokens in the rows of its
-// block's slot and zeros in the others (a zero times a finite weight adds nothing to a sum), and the
-// tiles are stored once for all the slots' blocks. A block's sums take the same steps as in
-// tile_bf16_amx: the same bits. Blocks are block_kp k-pairs; stored(kp_begin, kp_end, values) gets
-// each block's sums (values[m * np * kPanel + c]) in k order.
-template <class Stored>
-void tile_bf16_amx_slots(const uint16_t* slots, int64_t ld_slots, int n_slots, int64_t block_kp, int mt, const uint16_t* w,
-                         int64_t row_stride, int np, int64_t kp0, int64_t kp1, float* tile, Stored stored) {
-    const int64_t group_kp = n_slots * block_kp, slot_bytes = ld_slots * 2, out_bytes = np * kPanel * 4;
-    const int rows = n_slots * mt;
-    amx::Config config;
-    for (int p = 0; p < 5; ++p) config.set(p, rows, 64);
-    for (int t = 5; t < 8; ++t) config.set(t, 16, 64);
-    amx::configure(config);
-    for (int64_t g0 = kp0; g0 < kp1; g0 += group_kp) {  // any n_slots blocks in a row have a slot each
-        const int64_t g1 = std::min(kp1, g0 + group_kp);
-        LLAISYS_TILE_ZERO(0); LLAISYS_TILE_ZERO(1); LLAISYS_TILE_ZERO(2); LLAISYS_TILE_ZERO(3);
-        for (int64_t kp = g0; kp < g1; kp += 16)
-            few_tokens_step(slots + kp * 2, slot_bytes, w + kp * row_stride, row_stride, np);
-        store_sums(tile, out_bytes, np);
-        for (int64_t b0 = g0; b0 < g1; b0 += block_kp)
-            stored(b0, std::min(g1, b0 + block_kp), tile + b0 / block_kp % n_slots * mt * np * kPanel);
+        LLAISYS_TILE_STORE(0, tile, out_bytes);
+        if (np > 1) LLAISYS_TILE_STORE(1, tile + kPanel, out_bytes);
+        if (np > 2) LLAISYS_TILE_STORE(2, tile + 2 * kPanel, out_bytes);
+        if (np > 3) LLAISYS_TILE_STORE(3, tile + 3 * kPanel, out_bytes);
     }
 }
 #else
@@ -277,14 +226,8 @@ struct Lhs {
     // side per sub-block, so that a sub-block's activations for a tile are one run of memory: block
     // (m, sb) at ((m / 32) * ld_blocks + sb) * 32 + m % 32.
     quant::ActivationBlock* blocks = nullptr;
-    // For a few tokens' exact bf16 products on AMX (tile_bf16_amx_slots): n_slots * rows bands of
-    // ld_slots (n_in) values, band (s * rows + m) holding row m's bf16 values in the 32-column chunks
-    // of the k blocks (of slot_block columns) whose slot, block index % n_slots, is s, and zeros
-    // elsewhere. n_slots is 0 where the products store every block (prompts, plain products).
-    uint16_t* slots = nullptr;
-    int64_t n_slots = 0, slot_block = 0, ld_slots = 0;
     bool need_bf16 = false, need_f32 = false, need_blocks = false, interleaved = false;
-    int64_t rows = 0, ld_bf16 = 0, ld_f32 = 0, ld_blocks = 0;
+    int64_t ld_bf16 = 0, ld_f32 = 0, ld_blocks = 0;
     int64_t span = 0, spans_per_row = 0;  // fill_lhs's columns an item (at most), and items a row
 };
 
@@ -306,22 +249,18 @@ bool on_bf16_tiles(const PackedPart& part, int64_t n_in, int64_t k_block) {
 
 // Sizes this thread's lhs buffers for x and decides which forms the parts need; fill_lhs() then
 // writes them, its items spread over the threads that run the tiles.
-Lhs prepare_lhs(const Tensor& x, const PackedWeight& w, int64_t k_block) {
+Lhs prepare_lhs(const Tensor& x, const PackedWeight& w) {
     thread_local std::vector<Bf16Lhs> bf16;
     thread_local std::vector<float> f32;
     thread_local std::vector<quant::ActivationBlock> blocks;
-    thread_local std::vector<uint16_t> slots;
     const int64_t rows = n_rows(x), n_in = w.n_in;
     Lhs lhs;
-    bool slotted = false;
     for (const PackedPart& part : w.parts) {
         lhs.need_bf16 |= part.dtype == DType::BF16;
         lhs.need_f32 |= part.dtype == DType::F32;
         lhs.need_blocks |= is_quantized(part.dtype);
         lhs.interleaved |= on_prompt_tiles(part, rows);
-        slotted |= on_bf16_tiles(part, n_in, k_block);
     }
-    lhs.rows = rows;
     lhs.ld_bf16 = (n_in + 1) / 2 * 2;
     lhs.ld_f32 = n_in;
     lhs.ld_blocks = n_in / 32;
@@ -336,13 +275,6 @@ Lhs prepare_lhs(const Tensor& x, const PackedWeight& w, int64_t k_block) {
             for (int64_t m = 0; m < rows; ++m) bf16[m * lhs.ld_bf16 + n_in] = Bf16Lhs{0};
     }
     if (lhs.need_f32) at_least(f32, rows * n_in);
-    const int64_t n_slots = slotted && rows <= kFewTokens ? std::min({kMaxBlockSlots, kAmxRows / rows, n_in / k_block}) : 0;
-    if (n_slots > 1) {  // (one slot is what tile_bf16_amx does, storing every block)
-        lhs.n_slots = n_slots;
-        lhs.slot_block = k_block;
-        lhs.ld_slots = n_in;
-        at_least(slots, n_slots * rows * n_in);
-    }
     // AMX prompt tiles read 32 tokens' blocks at a time: those past the last token are never used.
     if (lhs.need_blocks) at_least(blocks, (rows + tiles::kPromptTileTokens - 1) / tiles::kPromptTileTokens * tiles::kPromptTileTokens * lhs.ld_blocks);
     // A few tokens' rows are cut into column spans, so that every thread has a share (decode's
@@ -354,19 +286,7 @@ Lhs prepare_lhs(const Tensor& x, const PackedWeight& w, int64_t k_block) {
     lhs.bf16 = bf16.data();
     lhs.f32 = f32.data();
     lhs.blocks = blocks.data();
-    lhs.slots = slots.data();
     return lhs;
-}
-
-// Columns [c0, c1) (whole 32-column chunks: spans are, where there are slots) of row m's bands in
-// lhs.slots, from its bf16 values.
-void fill_slots(const Lhs& lhs, int64_t m, int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; c += 32)
-        for (int64_t s = 0; s < lhs.n_slots; ++s) {
-            uint16_t* chunk = lhs.slots + (s * lhs.rows + m) * lhs.ld_slots + c;
-            if (s == c / lhs.slot_block % lhs.n_slots) std::memcpy(chunk, lhs.bf16 + m * lhs.ld_bf16 + c, 32 * sizeof(uint16_t));
-            else std::memset(chunk, 0, 32 * sizeof(uint16_t));
-        }
 }
 
 // Item `item` of fill_lhs's rows x spans: columns [c0, c1) of one row of x in every form lhs needs.
@@ -382,9 +302,6 @@ void fill_lhs(const Lhs& lhs, const Tensor& x, int64_t n_in, int64_t item, std::
         }
     }
     if (lhs.need_f32) std::memcpy(lhs.f32 + m * n_in + c0, xr, n * sizeof(float));
-    if constexpr (std::is_same_v<Bf16Lhs, uint16_t>) {  // (slots exist with AMX only)
-        if (lhs.n_slots) fill_slots(lhs, m, c0, c1);
-    }
     if (lhs.need_blocks && lhs.interleaved) {
         constexpr int64_t T = tiles::kPromptTileTokens;
         quant::quantize_activations(xr, lhs.blocks + ((m / T) * lhs.ld_blocks + c0 / 32) * T + m % T, n, T);
@@ -481,14 +398,6 @@ void run_tile(const Lhs& lhs, const PackedWeight& w, const PackedPart& part, int
 #if defined(__AVX512BF16__)
     if (on_bf16_tiles(part, w.n_in, k_block)) {
         const uint16_t* panel0 = part.panels.data<uint16_t>() + (p0 / kGroup) * part.panels.strides[0] + (p0 % kGroup) * step;
-        if (lhs.n_slots) {  // a few tokens, all in this tile (tile_tokens)
-            const int mt = static_cast<int>(lhs.rows);
-            tile_bf16_amx_slots(lhs.slots, lhs.ld_slots, static_cast<int>(lhs.n_slots), k_block / unit, mt, panel0, row_stride,
-                                static_cast<int>(np), kr.begin / unit, kr.end / unit, tile, [&](int64_t kp0, int64_t kp1, const float* values) {
-                sink(TileBlock{0, mt, part.row_begin + r0, rows, values, np * kPanel, kp0 * unit == kr.begin, kp1 * unit == kr.end, kr.part});
-            });
-            return;
-        }
         for (int64_t m0 = m_begin; m0 < m_end; m0 += tiles::kPromptTileTokens) {
             const int mt = static_cast<int>(std::min<int64_t>(tiles::kPromptTileTokens, m_end - m0));
             for (int64_t k0 = kr.begin; k0 < kr.end; k0 += k_block) {
@@ -561,7 +470,7 @@ int64_t whole_tiles(const PackedWeight& w, int64_t M, int64_t k_block) {
 template <class Sink>
 void for_each_tile(const Tensor& x, const PackedWeight& w, int64_t k_block, int64_t k_parts, Sink sink) {
     LLAISYS_CHECK(x.size(-1) == w.n_in, "linear: x has the wrong number of columns");
-    const Lhs lhs = prepare_lhs(x, w, k_block);
+    const Lhs lhs = prepare_lhs(x, w);
     const int64_t M = n_rows(x);
     const int64_t k_blocks = (w.n_in + k_block - 1) / k_block;
     const int runs = omp_get_max_threads();
