@@ -39,7 +39,8 @@ def decode(model: str, ranks: int, threads: int, weights: str, tokens: int, redu
     # The second of two replies: the first also pays for touching fresh buffers (page faults).
     reply = json.loads(done.stdout.strip().splitlines()[-1])
     step_bytes = sum(rank["decode_bytes"] for rank in reply["ranks"])  # weights all ranks read a token
-    return {"tok_s": reply["decode_tokens_per_s"], "read_gb_s": step_bytes * reply["decode_tokens_per_s"] / 1e9, "prefill": reply["prompt_tokens"] / reply["prefill_seconds"],
+    tok_s = reply["decode_tokens_per_s"]
+    return {"tok_s": tok_s, "read_gb_s": step_bytes * tok_s / 1e9, "prefill": reply["prompt_tokens"] / reply["prefill_seconds"],
             "prompt": reply["prompt_tokens"], "rss": reply["ranks"][0]["rss_bytes"] / 2**20}
 
 
@@ -74,8 +75,8 @@ def main():
                          statistics.median(r["rss"] for r in results)])
     print(f"\nMachine: {machine()}; model {args.model}; greedy decode of {args.tokens} tokens; "
           f"medians of {args.rounds} rounds")
-    print(table(["weights", "ranks", "threads per rank", "reduction", "decode tok/s", "vs best", "weights read GB/s", "prefill tok/s",
-                 "prompt tokens", "rank 0 RSS MiB"], rows))
+    print(table(["weights", "ranks", "threads per rank", "reduction", "decode tok/s", "vs best", "weights read GB/s",
+                 "prefill tok/s", "prompt tokens", "rank 0 RSS MiB"], rows))
 
 
 if __name__ == "__main__":
