@@ -164,36 +164,25 @@ template <class V, int MT>
     }
 }
 
-// 4-bit values: 8 steps of pair sums (at most 8 * 2 * 15 * 127) fit 16 bits. Several tokens unpack
-// the sub-block's values once and then sum one token at a time: with the tokens' sums side by side
-// instead, 4 tokens' AVX2 prompt tiles spilled them to the stack, and prefilled 1.15x slower (Q4_0,
-// AMD Zen 3). One token keeps the stream order (load, unpack, use).
+// 4-bit values: 8 steps of pair sums (at most 8 * 2 * 15 * 127) fit 16 bits. The sub-block's values
+// are unpacked once, then each token's sums run through them in turn: with the tokens' sums side by
+// side instead, 4 tokens' AVX2 prompt tiles spilled them to the stack, and prefilled 1.15x slower
+// (Q4_0, AMD Zen 3).
 template <class V, int MT>
 [[gnu::always_inline]] inline void dot_q4(const std::byte* pairs, const ActivationBlock* const* x, typename V::I* out) {
-    if constexpr (MT == 1) {
+    typename V::I lo[4], hi[4];
+    for (int j = 0; j < 4; ++j) {
+        const typename V::I v = V::load(pairs + j * 64);
+        lo[j] = low_nibbles<V>(v), hi[j] = high_nibbles<V>(v);
+    }
+    for (int m = 0; m < MT; ++m) {
         ByteDots<V> dots;
         for (int j = 0; j < 4; ++j) {
-            const typename V::I v = V::load(pairs + j * 64);
-            dots.add(low_nibbles<V>(v), quad<V>(x[0], 2 * j));
-            dots.add(high_nibbles<V>(v), quad<V>(x[0], 2 * j + 1));
+            dots.add(lo[j], quad<V>(x[m], 2 * j));
+            dots.add(hi[j], quad<V>(x[m], 2 * j + 1));
         }
         dots.flush();
-        out[0] = dots.sum;
-    } else {
-        typename V::I lo[4], hi[4];
-        for (int j = 0; j < 4; ++j) {
-            const typename V::I v = V::load(pairs + j * 64);
-            lo[j] = low_nibbles<V>(v), hi[j] = high_nibbles<V>(v);
-        }
-        for (int m = 0; m < MT; ++m) {
-            ByteDots<V> dots;
-            for (int j = 0; j < 4; ++j) {
-                dots.add(lo[j], quad<V>(x[m], 2 * j));
-                dots.add(hi[j], quad<V>(x[m], 2 * j + 1));
-            }
-            dots.flush();
-            out[m] = dots.sum;
-        }
+        out[m] = dots.sum;
     }
 }
 
