@@ -8,6 +8,9 @@ bandwidth limit (bytes one decode step reads x tokens/s, over what bench/membw.p
 many streams as threads, in the same run: memory on this VM drifts within minutes).
 
     .venv/bin/python bench/engine_speed.py [--types q4_k_m q8_0 q4_0 bf16] [--threads 1 2] [--rounds 3]
+                                           [--model qwen2.5-coder:1.5b]
+
+--model picks another built-in (default: the demo); q4_k_m then stands for that file's own mix.
 """
 import argparse
 import statistics
@@ -30,10 +33,10 @@ PROMPTS = (128, 512)
 DECODE = 64
 
 
-def gguf_of(kind: str) -> Path:
-    """The demo file itself (q4_k_m), or llama-quantize's re-encoding of it."""
-    demo = builtin_gguf(find_builtin("demo"))
-    return demo if kind == "q4_k_m" else same_weights_gguf(demo, kind.upper())
+def gguf_of(model: str, kind: str) -> Path:
+    """A built-in's file itself (q4_k_m), or llama-quantize's re-encoding of it."""
+    own = builtin_gguf(find_builtin(model))
+    return own if kind == "q4_k_m" else same_weights_gguf(own, kind.upper())
 
 
 def our_round(engine: Engine) -> dict:
@@ -64,10 +67,11 @@ def main():
     p.add_argument("--types", nargs="+", default=["q4_k_m", "q8_0", "q4_0", "bf16"])
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--model", default="demo", help="a built-in model's name")
     args = p.parse_args()
     rows = []
     for kind in args.types:
-        gguf = gguf_of(kind)
+        gguf = gguf_of(args.model, kind)
         for threads in args.threads:
             engine = Engine(gguf, threads=threads, max_context=max(PROMPTS) + DECODE + 8)
             ours, theirs, bandwidth = [], [], []
@@ -86,7 +90,7 @@ def main():
                 a, b = median[("prefill", n)]
                 row += [a, b, a / b]
             rows.append(row + [us, them, us / them, statistics.median(bandwidth), us / limit, them / limit])
-    print(f"Machine: {machine()}; kernels: {_native.build_info()['isa']}, AMX tiles: {_native.build_info()['amx']}; medians of {args.rounds} alternating rounds")
+    print(f"Machine: {machine()}; model: {args.model}; kernels: {_native.build_info()['isa']}, AMX tiles: {_native.build_info()['amx']}; medians of {args.rounds} alternating rounds")
     headers = ["type", "threads"]
     for n in PROMPTS:
         headers += [f"pp{n} ours", f"pp{n} llama.cpp", "ratio"]

@@ -76,7 +76,7 @@ def _build(root: Path, build: Path, compiler_env: dict) -> None:
 
 
 def same_weights_gguf(source_gguf: Path, kind: str = "BF16") -> Path:
-    """The demo GGUF re-encoded as `kind` (BF16, F32, Q8_0, ...) by llama-quantize, cached."""
+    """A GGUF (a built-in's) re-encoded as `kind` (BF16, F32, Q8_0, ...) by llama-quantize, cached."""
     out = cache_home() / "llama.cpp" / f"{source_gguf.stem}-{kind.lower()}.gguf"
     if not out.exists():
         tmp = out.with_suffix(".partial")
