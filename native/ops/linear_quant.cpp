@@ -278,7 +278,8 @@ template <class V, DType T>
 
 // How far ahead of the kernel's loads the stream is prefetched: the hardware prefetcher alone left
 // decode at a quarter of the memory's bandwidth. Into L2 (T1), not L1: decode 1.01-1.03x at 1-2
-// threads and 2 ranks on the 2-core machine, where 2048 bytes ahead was 0.96-0.98x.
+// threads and 2 ranks on the 2-core machine, where 2048 bytes ahead was 0.96-0.98x; on AMD Zen 4, L1
+// halved the GB/s of Q4_K and Q6_K products, whose block ahead (below) overflows it.
 constexpr int64_t kPrefetchBytes = 1024;
 
 inline void prefetch(const std::byte* p, int64_t bytes) {
