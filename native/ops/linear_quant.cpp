@@ -318,14 +318,17 @@ void tile(const ActivationBlock* x, int64_t ldx, const std::byte* group, int64_t
             // decode product on the AMD Zen 4 machine, against one burst a block 1024 bytes ahead.
             // Past its stream's end it goes on into the next tile's (a thread's next tile is most often
             // the groups that follow): streams as short as the 1.5B output matrix's (6 blocks) started
-            // each tile cold, at 0.8x the GB/s of the longer ones (1.5B decode 1.09x / 1.19x at 1 / 2
-            // threads). Not for blocks of 32, where the same made Q8_0 decode 0.95x / 0.85x.
+            // each tile cold, at 0.8x the GB/s of the longer ones (1.5B decode 1.27x / 1.10x at 1 / 2
+            // threads). Blocks of 32 keep one burst 1024 bytes ahead: with both, Q8_0 decoded 0.95x /
+            // 0.85x.
+            constexpr int64_t unit_bytes = l.chunk * V::kRows / kPanel;  // a unit's part of a block
             const int first = std::max(u0, g * group_units), last = std::min(u0 + NU, (g + 1) * group_units);
-            const int64_t span = (last - first) * l.chunk * V::kRows / kPanel, step = span / subs;
-            int64_t at = b * block_stride + (first % group_units) * l.chunk * V::kRows / kPanel + j * step + kPrefetchBytes +
-                         (subs > 1 ? span : 0);
-            int64_t stream = g;
-            if (subs > 1 && at >= group_stride) at -= group_stride, stream += g1 - g0 + 1;
+            const int64_t span = (last - first) * unit_bytes, step = span / subs;
+            int64_t at = b * block_stride + (first % group_units) * unit_bytes + j * step + kPrefetchBytes, stream = g;
+            if constexpr (subs > 1) {
+                at += span;
+                if (at >= group_stride) at -= group_stride, stream += g1 - g0 + 1;
+            }
             prefetch(group + stream * group_stride + at, step);
         }
         const ActivationBlock* xs[MT];
