@@ -276,14 +276,15 @@ template <class V, DType T>
     return acc;
 }
 
-// How far ahead of the kernel's loads the stream is prefetched: the hardware prefetcher alone left
-// decode at a quarter of the memory's bandwidth. Into L2 (T1), not L1: decode 1.01-1.03x at 1-2
-// threads and 2 ranks on the 2-core machine, where 2048 bytes ahead was 0.96-0.98x; on AMD Zen 4, L1
-// halved the GB/s of Q4_K and Q6_K products, whose block ahead (below) overflows it.
+// How far ahead of the kernel's loads a stream of 32-value blocks is prefetched: the hardware
+// prefetcher alone left decode at a quarter of the memory's bandwidth. Into L2 (T1), not L1: decode
+// 1.01-1.03x at 1-2 threads and 2 ranks on the 2-core machine, where 2048 bytes ahead was 0.96-0.98x.
+// (256-value blocks prefetch their own way: tile() below.)
 constexpr int64_t kPrefetchBytes = 1024;
 
-inline void prefetch(const std::byte* p, int64_t bytes) {
-    for (int64_t at = 0; at < bytes; at += 64) _mm_prefetch(reinterpret_cast<const char*>(p + at), _MM_HINT_T1);
+template <_mm_hint Hint>
+void prefetch(const std::byte* p, int64_t bytes) {
+    for (int64_t at = 0; at < bytes; at += 64) _mm_prefetch(reinterpret_cast<const char*>(p + at), Hint);
 }
 
 // Units of V::kRows rows: u0 .. u0 + NU of the group, whose output goes to out[(m * NU + u) * kRows + r].
@@ -309,30 +310,19 @@ void tile(const ActivationBlock* x, int64_t ldx, const std::byte* group, int64_t
         row_of[u] = in_group * V::kRows % kPanel;
     }
     const int g0 = u0 / group_units, g1 = (u0 + NU - 1) / group_units;  // the groups spanned
-    for (int64_t sb = sb0; sb < sb1; ++sb) {
-        const int64_t b = sb / subs, j = sb % subs;
-        for (int g = g0; g <= g1; ++g) {
-            // The units' bytes of block b in group g, prefetched a sub-block's share at a time. A block
-            // of 256 values is read all over during its 8 sub-blocks (values, high bits, scales), so
-            // the prefetch runs a whole block ahead there: 1.3-1.9x the GB/s of a Q4_K and a Q6_K
-            // decode product on the AMD Zen 4 machine, against one burst a block 1024 bytes ahead.
-            // Past its stream's end it goes on into the next tile's (a thread's next tile is most often
-            // the groups that follow): streams as short as the 1.5B output matrix's (6 blocks) started
-            // each tile cold, at 0.8x the GB/s of the longer ones (1.5B decode 1.27x / 1.10x at 1 / 2
-            // threads). Blocks of 32 keep one burst 1024 bytes ahead: with both, Q8_0 decoded 0.95x /
-            // 0.85x.
-            constexpr int64_t unit_bytes = l.chunk * V::kRows / kPanel;  // a unit's part of a block
-            const int first = std::max(u0, g * group_units), last = std::min(u0 + NU, (g + 1) * group_units);
-            const int64_t span = (last - first) * unit_bytes, step = span / subs;
-            int64_t at = b * block_stride + (first % group_units) * unit_bytes + j * step + kPrefetchBytes, stream = g;
-            if constexpr (subs > 1) {
-                at += span;
-                if (at >= group_stride) at -= group_stride, stream += g1 - g0 + 1;
+    constexpr int64_t unit_bytes = l.chunk * V::kRows / kPanel;               // a unit's part of a block
+    // Block by block, each unit runs through all its sub-blocks, so that a stream is read in order:
+    // the same sums in the same order as sub-block by sub-block over all units, which read a 256-value
+    // block's chunks in strides and streamed Q4_K and Q6_K at 0.5 of one core's bandwidth.
+    for (int64_t b = sb0 / subs; b * subs < sb1; ++b) {
+        const int64_t j0 = std::max<int64_t>(sb0 - b * subs, 0), j1 = std::min<int64_t>(sb1 - b * subs, subs);
+        if constexpr (subs == 1)  // the units' bytes of each group, a little ahead
+            for (int g = g0; g <= g1; ++g) {
+                const int first = std::max(u0, g * group_units), last = std::min(u0 + NU, (g + 1) * group_units);
+                prefetch<_MM_HINT_T1>(group + g * group_stride + b * block_stride + (first % group_units) * unit_bytes +
+                                          kPrefetchBytes,
+                                      (last - first) * unit_bytes);
             }
-            prefetch(group + stream * group_stride + at, step);
-        }
-        const ActivationBlock* xs[MT];
-        for (int m = 0; m < MT; ++m) xs[m] = x + m * ldx + sb;
         // Unrolled, so that the accumulators stay in registers (as a loop, gcc kept them in memory
         // and recomputed each unit's address: a third of the instructions of a Q8_0 decode step).
 #pragma GCC unroll 16
@@ -342,20 +332,32 @@ void tile(const ActivationBlock* x, int64_t ldx, const std::byte* group, int64_t
             const int row = kGroups ? (u % group_units) * V::kRows % kPanel : row_of[u];
             const std::byte* chunk = group + b * block_stride +
                                      (kGroups ? u / group_units * group_stride + (u % group_units) * V::kRows / kPanel * l.chunk : panel_at[u]);
-            typename V::I sums[MT];
+            if constexpr (subs > 1) {
+                // This unit's bytes of the next block, or past the stream's end those of the next
+                // tile's groups (a thread's next tile is most often the groups that follow), into L1:
+                // the 1.5B built-in decoded 1.33x / 1.27x at 1 / 2 threads (AMD Zen 4) against a
+                // sub-block's share of all units at a time into L2; into L2 here, 1.05x / 1.13x.
+                const std::byte* next = b + 1 < n_blocks ? chunk + block_stride : chunk - b * block_stride + (g1 - g0 + 1) * group_stride;
+                prefetch<_MM_HINT_T0>(next, unit_bytes);
+            }
             const std::byte* values = chunk + l.values + row * 4;
-            if constexpr (T == DType::Q8_0) dot_q8<V, MT>(values, xs, sums);
-            else if constexpr (T == DType::Q5_0) dot_q5<V, MT>(values, chunk + l.high_bits + row * 4, xs, sums);
-            else if constexpr (T == DType::Q6_K)
-                dot_q6<V, MT>(values + j * 4 * 64, chunk + l.high_bits + j * 2 * 64 + row * 4,
-                              chunk + l.sub_scales + j * 2 * kPanel + row, xs, sums);
-            else dot_q4<V, MT>(values + j * 4 * 64, xs, sums);  // Q4_0, Q4_K
-            const RowScales<V, T> scales = row_scales<V, T>(chunk, j, row);
-            for (int m = 0; m < MT; ++m) {
-                const int32_t sum = xs[m]->sum[0] + xs[m]->sum[1];  // the offsets that dot_q4/q5 leave in
-                if constexpr (T == DType::Q4_0) sums[m] = V::sub32(sums[m], V::int32s(8 * sum));
-                if constexpr (T == DType::Q5_0) sums[m] = V::sub32(sums[m], V::int32s(16 * sum));
-                acc[m][u] = accumulate<V, T>(acc[m][u], scales, xs[m], sums[m]);
+            for (int64_t j = j0; j < j1; ++j) {
+                const ActivationBlock* xs[MT];
+                for (int m = 0; m < MT; ++m) xs[m] = x + m * ldx + b * subs + j;
+                typename V::I sums[MT];
+                if constexpr (T == DType::Q8_0) dot_q8<V, MT>(values, xs, sums);
+                else if constexpr (T == DType::Q5_0) dot_q5<V, MT>(values, chunk + l.high_bits + row * 4, xs, sums);
+                else if constexpr (T == DType::Q6_K)
+                    dot_q6<V, MT>(values + j * 4 * 64, chunk + l.high_bits + j * 2 * 64 + row * 4,
+                                  chunk + l.sub_scales + j * 2 * kPanel + row, xs, sums);
+                else dot_q4<V, MT>(values + j * 4 * 64, xs, sums);  // Q4_0, Q4_K
+                const RowScales<V, T> scales = row_scales<V, T>(chunk, j, row);
+                for (int m = 0; m < MT; ++m) {
+                    const int32_t sum = xs[m]->sum[0] + xs[m]->sum[1];  // the offsets that dot_q4/q5 leave in
+                    if constexpr (T == DType::Q4_0) sums[m] = V::sub32(sums[m], V::int32s(8 * sum));
+                    if constexpr (T == DType::Q5_0) sums[m] = V::sub32(sums[m], V::int32s(16 * sum));
+                    acc[m][u] = accumulate<V, T>(acc[m][u], scales, xs[m], sums[m]);
+                }
             }
         }
     }
