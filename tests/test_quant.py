@@ -251,6 +251,24 @@ def test_fixed_point_partials_are_exact_over_any_split_on_blocks(name):
         assert np.array_equal(parts, whole)
 
 
+@pytest.mark.parametrize("name", ["Q4_K", "Q6_K"])
+@pytest.mark.parametrize("k_block", [32, 64, 96])
+@pytest.mark.parametrize("M", [1, 3])
+def test_fixed_point_runs_inside_and_across_256_value_blocks_match_float64(name, k_block, M):
+    """linear_fixed cuts k into runs of k_block: for 256-value blocks a run starts and ends inside a
+    block (32, 64), or crosses from one block into the next (96), so a tile begins and ends mid-block."""
+    r = rng(14)
+    K, N = 768, 40
+    blocks = random_blocks(name, N, K, r)
+    w = dequantize(blocks, GGMLQuantizationType[name]).astype(np.float64)
+    x = r.standard_normal((M, K)).astype(np.float32)
+    fixed, out = np.zeros((M, N), np.int64), np.zeros((M, N), np.float32)
+    _native.linear_fixed(fixed, x, _native.pack_weight(quantized(name, blocks), getattr(_native.DType, name)), k_block)
+    _native.add_from_fixed(out, fixed)
+    expected = activations_f64(x) @ w.T
+    assert np.abs(out - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
 def test_embedding_rows_from_a_quantized_table():
     blocks = random_blocks("Q5_0", 12, 64, rng(7))
     ids = np.array([3, 11, 20, 5], np.int32)  # 20 is another rank's row: zeros
